@@ -1,0 +1,33 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.metrics import install_metrics
+from api.routes import admin, files, ops
+from shared.config import Settings, get_settings
+from shared.db import session_factory
+from shared.storage import make_store
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(
+        title="QLoRA fine-tuning service",
+        version="0.1.0",
+        description="OpenAI-compatible fine-tuning API backed by NF4 QLoRA workers.",
+    )
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings)
+    app.state.store = make_store(settings)
+    install_error_handlers(app)
+    install_metrics(app)
+    app.include_router(ops.router)
+    app.include_router(admin.router)
+    app.include_router(files.router)
+    return app

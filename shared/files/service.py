@@ -1,0 +1,104 @@
+"""Dataset files: records of validated JSONL objects in the store. Callers commit."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.errors import BadRequest, NotFound
+from shared.files.validation import JsonlValidator
+from shared.models import File
+
+PURPOSES = frozenset({"fine-tune"})
+MAX_FILENAME_CHARS = 255
+
+
+def check_filename(filename: str | None) -> str:
+    """A display name only (keys come from ids), but a hostile one is refused outright.
+
+    Clients percent-encode awkward bytes in multipart filenames (RFC 7578), so the check runs
+    on the decoded name: `evil%00.jsonl` is as hostile as a raw NUL.
+    """
+    if filename:
+        filename = unquote(filename)
+    if not filename:
+        raise BadRequest("the file part has no filename", param="file", code="invalid_filename")
+    if (
+        len(filename) > MAX_FILENAME_CHARS
+        or any(ord(c) < 32 or ord(c) == 127 for c in filename)
+        or "/" in filename
+        or "\\" in filename
+        or filename in (".", "..")
+    ):
+        raise BadRequest(
+            "filename must be a plain name without path separators or control characters",
+            param="file",
+            code="invalid_filename",
+        )
+    return filename
+
+
+def check_purpose(purpose: str | None) -> str:
+    if purpose not in PURPOSES:
+        raise BadRequest(
+            f"purpose must be one of: {', '.join(sorted(PURPOSES))}", param="purpose"
+        )
+    return purpose
+
+
+def create_file(
+    session: Session,
+    *,
+    file_id: str,
+    tenant_id: str,
+    filename: str,
+    purpose: str,
+    storage_key: str,
+    validator: JsonlValidator,
+) -> File:
+    assert validator.ok and validator.format is not None
+    row = File(
+        id=file_id,
+        tenant_id=tenant_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=validator.bytes_seen,
+        format=validator.format.value,
+        rows=validator.rows,
+        sha256=validator.sha256,
+        stats=validator.stats(),
+        storage_key=storage_key,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_file(session: Session, *, tenant_id: str, file_id: str, param: str = "file_id") -> File:
+    row = session.get(File, file_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"no file {file_id!r}", param=param)
+    return row
+
+
+def list_files(
+    session: Session, *, tenant_id: str, after: str | None, limit: int
+) -> tuple[list[File], bool]:
+    query = select(File).where(File.tenant_id == tenant_id)
+    if after is not None:
+        anchor = get_file(session, tenant_id=tenant_id, file_id=after, param="after")
+        query = query.where(
+            (File.created_at < anchor.created_at)
+            | ((File.created_at == anchor.created_at) & (File.id < anchor.id))
+        )
+    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(session: Session, *, tenant_id: str, file_id: str) -> File:
+    row = get_file(session, tenant_id=tenant_id, file_id=file_id)
+    session.delete(row)
+    session.flush()
+    return row
