@@ -8,9 +8,10 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
-from api.routes import admin, files, ops
+from api.routes import adapters, admin, files, jobs, ops
 from shared.config import Settings, get_settings
 from shared.db import session_factory
+from shared.events import configure_publisher
 from shared.storage import make_store
 
 
@@ -25,9 +26,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.store = make_store(settings)
+    configure_publisher(settings.redis_url)
+    from worker.celery_app import JobPublisher, make_celery
+
+    app.state.publish_job = JobPublisher(make_celery(settings))
     install_error_handlers(app)
     install_metrics(app)
     app.include_router(ops.router)
     app.include_router(admin.router)
     app.include_router(files.router)
+    app.include_router(jobs.router)
+    app.include_router(adapters.router)
     return app

@@ -38,7 +38,9 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
+        message = (
+            f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))
+        )
         return _error(422, "invalid_value", message, param)
 
     @app.exception_handler(StarletteHTTPException)

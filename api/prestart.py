@@ -51,12 +51,42 @@ def announce_admin_key(settings: Settings, port: int) -> None:
         f"\nAdmin API key {'generated and ' if created else ''}kept in {path} (mode 0600).\n"
         "Create a tenant and an API key:\n"
         f"  ADMIN=$(cat {path})\n"
-        f"  curl -s -X POST {base}/admin/tenants -H \"Authorization: Bearer $ADMIN\" "
+        f'  curl -s -X POST {base}/admin/tenants -H "Authorization: Bearer $ADMIN" '
         "-H 'Content-Type: application/json' -d '{\"name\": \"acme\"}'\n"
         f"  curl -s -X POST {base}/admin/tenants/<tenant id>/keys "
-        "-H \"Authorization: Bearer $ADMIN\"\n",
+        '-H "Authorization: Bearer $ADMIN"\n',
         flush=True,
     )
+
+
+TINY_MODEL_NAME = "tiny-llama"
+
+
+def ensure_tiny_model(settings: Settings) -> None:
+    """Build the tiny local base model once and register it as `tiny-llama` (no network)."""
+    from sqlalchemy import select
+
+    from shared.db import session_scope
+    from shared.models import RegisteredModel
+    from shared.tenancy import service as tenancy
+
+    assert settings.models_dir is not None
+    folder = settings.models_dir.resolve() / TINY_MODEL_NAME
+    if not (folder / "config.json").is_file():
+        from worker.training.tiny import build_tiny_model
+
+        log.info("building the tiny base model in %s", folder)
+        build_tiny_model(folder)
+    with session_scope(settings) as session:
+        if session.scalar(select(RegisteredModel).where(RegisteredModel.name == TINY_MODEL_NAME)):
+            return
+        tenancy.register_model(
+            session,
+            name=TINY_MODEL_NAME,
+            source=str(folder),
+            revision=None,
+            config=tenancy.read_local_config(str(folder)),
+        )
 
 
 def main() -> None:
@@ -66,6 +96,8 @@ def main() -> None:
     settings = get_settings()
     wait_for_database(settings)
     migrate(settings)
+    if settings.register_tiny_model:
+        ensure_tiny_model(settings)
     announce_admin_key(settings, int(os.environ.get("PORT", "8000")))
 
 

@@ -105,7 +105,9 @@ async def receive_upload(
         if part.is_file:
             file_bytes += len(chunk)
             if file_bytes > max_bytes:
-                raise TooLarge(f"the file is larger than the limit of {max_bytes} bytes", param="file")
+                raise TooLarge(
+                    f"the file is larger than the limit of {max_bytes} bytes", param="file"
+                )
             pending.extend(chunk)
         else:
             part.value += chunk

@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     public_base_url: str = Field("", description="Base of absolute URLs the API hands out.")
     worker_queues: str = Field("cpu", description="Comma-separated GPU-class queues to consume.")
     models_dir: Path | None = Field(None, description="Where generated local base models live.")
+    lease_seconds: float = Field(60.0, gt=0, description="A worker's hold on a running job.")
+    sweep_interval_seconds: float = Field(10.0, gt=0, description="How often the beat sweeps.")
+    progress_interval_seconds: float = Field(
+        2.0, ge=0, description="Least time between progress writes (lease renewals) of a job."
+    )
+    register_tiny_model: bool = Field(
+        True, description="Prestart builds and registers the local `tiny-llama` base model."
+    )
 
     @model_validator(mode="after")
     def _fill_defaults_and_refuse_placeholders(self) -> Settings:

@@ -28,7 +28,9 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "param": self.param, **self.extra}}
+        return {
+            "error": {"code": self.code, "message": self.message, "param": self.param, **self.extra}
+        }
 
 
 class BadRequest(ServiceError):

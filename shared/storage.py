@@ -258,7 +258,9 @@ class FolderStore(ObjectStore):
         if not 0 < expires <= MAX_PRESIGN_SECONDS:
             raise StorageError(f"expires must be in (0, {MAX_PRESIGN_SECONDS}] seconds")
         expires_at = int(time.time()) + expires
-        query = urlencode({"expires": expires_at, "signature": sign_key(self._secret, key, expires_at)})
+        query = urlencode(
+            {"expires": expires_at, "signature": sign_key(self._secret, key, expires_at)}
+        )
         return f"{self._base_url}/v1/storage/{quote(check_key(key))}?{query}"
 
     def verify(self, key: str, expires_at: int, signature: str) -> bool:
@@ -301,7 +303,11 @@ class _S3Writer(ObjectWriter):
             self._upload_id = resp["UploadId"]
         number = len(self._parts) + 1
         resp = self._client.upload_part(
-            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=body
+            Bucket=self._bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
         )
         self._parts.append({"ETag": resp["ETag"], "PartNumber": number})
 

@@ -17,7 +17,9 @@ from urllib.parse import urlparse
 import pytest
 from sqlalchemy import create_engine, text
 
-PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 
@@ -25,7 +27,9 @@ REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 def _reachable(url: str) -> bool:
     parsed = urlparse(url)
     try:
-        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 0), timeout=1):
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or 0), timeout=1
+        ):
             return True
     except OSError:
         return False
@@ -59,7 +63,9 @@ def require(service: str, available: bool) -> None:
     """Skip (laptop) or fail (CI) when a real service is missing."""
     if available:
         return
-    message = f"{service} is not reachable; integration test skipped (set REQUIRE_SERVICES=1 to fail)"
+    message = (
+        f"{service} is not reachable; integration test skipped (set REQUIRE_SERVICES=1 to fail)"
+    )
     if REQUIRE_SERVICES:
         pytest.fail(f"REQUIRE_SERVICES=1 but {service} is not reachable")
     pytest.skip(message)

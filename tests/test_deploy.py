@@ -49,4 +49,7 @@ def test_dockerfiles_use_the_same_entry_points() -> None:
     worker = (ROOT / "Dockerfile.worker").read_text()
     assert "uvicorn api.main:app" in api and "python -m api.prestart" in api
     assert 'CMD ["python", "-m", "worker.main", "worker"]' in worker
-    assert worker.splitlines()[1].startswith("FROM pytorch/pytorch:") and "cuda" in worker.splitlines()[1]
+    assert (
+        worker.splitlines()[1].startswith("FROM pytorch/pytorch:")
+        and "cuda" in worker.splitlines()[1]
+    )

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 from fastapi import APIRouter
 
 from api.deps import AdminDep, SessionDep
@@ -43,16 +39,6 @@ def revoke_key(key_id: str, session: SessionDep) -> KeyRevoked:
     return KeyRevoked(id=service.revoke_key(session, key_id=key_id).id)
 
 
-def _local_config(source: str) -> dict[str, Any] | None:
-    """The model's config.json when `source` is a local folder (the estimator uses it)."""
-    path = Path(source) / "config.json"
-    try:
-        loaded = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
 @router.post("/models", response_model=ModelObject, status_code=201)
 def register_model(body: ModelRegister, session: SessionDep) -> ModelObject:
     row = service.register_model(
@@ -60,7 +46,7 @@ def register_model(body: ModelRegister, session: SessionDep) -> ModelObject:
         name=body.name,
         source=body.source,
         revision=body.revision,
-        config=_local_config(body.source),
+        config=body.config or service.read_local_config(body.source),
     )
     return ModelObject.of(row)
 

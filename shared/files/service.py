@@ -42,9 +42,7 @@ def check_filename(filename: str | None) -> str:
 
 def check_purpose(purpose: str | None) -> str:
     if purpose not in PURPOSES:
-        raise BadRequest(
-            f"purpose must be one of: {', '.join(sorted(PURPOSES))}", param="purpose"
-        )
+        raise BadRequest(f"purpose must be one of: {', '.join(sorted(PURPOSES))}", param="purpose")
     return purpose
 
 
@@ -93,7 +91,9 @@ def list_files(
             (File.created_at < anchor.created_at)
             | ((File.created_at == anchor.created_at) & (File.id < anchor.id))
         )
-    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)))
+    rows = list(
+        session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1))
+    )
     return rows[:limit], len(rows) > limit
 
 

@@ -115,7 +115,11 @@ class JsonlValidator:
         self.rows += 1
         chars = row_char_count(row, fmt)
         total, low, high = self._chars
-        self._chars = [total + chars, chars if self.rows == 1 else min(low, chars), max(high, chars)]
+        self._chars = [
+            total + chars,
+            chars if self.rows == 1 else min(low, chars),
+            max(high, chars),
+        ]
         if fmt is DatasetFormat.CHAT:
             self._messages += len(row["messages"])
 

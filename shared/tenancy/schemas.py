@@ -50,13 +50,18 @@ class KeyRevoked(BaseModel):
 class ModelRegister(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     name: str = Field(
-        min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$",
         description="Name tenants use in `model`.",
     )
     source: str = Field(
         min_length=1, max_length=1000, description="Local folder of safetensors weights, or hub id."
     )
     revision: str | None = Field(None, max_length=100, description="Hub revision (commit).")
+    config: dict[str, Any] | None = Field(
+        None, description="The model's config.json, for hub models (read from disk otherwise)."
+    )
 
 
 class ModelObject(BaseModel):

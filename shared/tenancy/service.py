@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -52,7 +54,10 @@ def create_key(session: Session, *, tenant_id: str) -> IssuedKey:
     get_tenant(session, tenant_id=tenant_id)
     secret = KEY_SCHEME + secrets.token_urlsafe(KEY_ENTROPY_BYTES)
     row = ApiKey(
-        id=new_id("api_key"), tenant_id=tenant_id, prefix=secret[:PREFIX_LEN], key_hash=hash_key(secret)
+        id=new_id("api_key"),
+        tenant_id=tenant_id,
+        prefix=secret[:PREFIX_LEN],
+        key_hash=hash_key(secret),
     )
     session.add(row)
     session.flush()
@@ -86,6 +91,28 @@ def authenticate(session: Session, *, key: str) -> Tenant:
                 session.flush()
             return row.tenant
     raise Unauthorized("invalid API key")
+
+
+CHAT_TEMPLATE_FLAG = "qlora_chat_template"
+
+
+def read_local_config(source: str) -> dict[str, Any] | None:
+    """config.json of a local model folder, plus whether its tokenizer has a chat template
+    (the estimator and the admission checks read it); None for hub ids."""
+    folder = Path(source)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    try:
+        tok = json.loads((folder / "tokenizer_config.json").read_text())
+        has_template = bool(tok.get("chat_template")) or (folder / "chat_template.jinja").is_file()
+    except (OSError, ValueError, AttributeError):
+        has_template = (folder / "chat_template.jinja").is_file()
+    config[CHAT_TEMPLATE_FLAG] = has_template
+    return config
 
 
 def register_model(

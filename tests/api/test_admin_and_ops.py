@@ -11,14 +11,20 @@ from tests.conftest import Stack
 def test_admin_endpoints_need_the_admin_key(stack: Stack) -> None:
     _, tenant_headers, key_id = stack.new_tenant()
     for headers in ({}, tenant_headers, {"Authorization": "Bearer wrong"}):
-        assert stack.client.post("/admin/tenants", json={"name": "x"}, headers=headers).status_code == 401
+        assert (
+            stack.client.post("/admin/tenants", json={"name": "x"}, headers=headers).status_code
+            == 401
+        )
         assert stack.client.get("/admin/models", headers=headers).status_code == 401
         assert stack.client.delete(f"/admin/keys/{key_id}", headers=headers).status_code == 401
 
 
 def test_keys_are_random_shown_once_and_stored_hashed(stack: Stack) -> None:
     tenant, _, _ = stack.new_tenant()
-    issued = [stack.client.post(f"/admin/tenants/{tenant}/keys", headers=stack.admin).json() for _ in range(3)]
+    issued = [
+        stack.client.post(f"/admin/tenants/{tenant}/keys", headers=stack.admin).json()
+        for _ in range(3)
+    ]
     keys = [k["key"] for k in issued]
     assert len(set(keys)) == 3 and all(len(k) >= 5 + 43 for k in keys)  # 32 bytes, base64url
     with stack.client.app.state.sessions() as session:  # type: ignore[attr-defined]
@@ -49,7 +55,9 @@ def test_model_registry(stack: Stack, tmp_path) -> None:  # type: ignore[no-unty
     assert resp.status_code == 201 and resp.json()["config"] == {"hidden_size": 64}
     dup = stack.client.post("/admin/models", json=body, headers=stack.admin)
     assert dup.status_code == 409 and dup.json()["error"]["param"] == "name"
-    bad = stack.client.post("/admin/models", json={**body, "name": "../x", "extra": 1}, headers=stack.admin)
+    bad = stack.client.post(
+        "/admin/models", json={**body, "name": "../x", "extra": 1}, headers=stack.admin
+    )
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_value"
     names = [m["id"] for m in stack.client.get("/admin/models", headers=stack.admin).json()["data"]]
     assert names == ["tiny-llama"]
@@ -57,8 +65,11 @@ def test_model_registry(stack: Stack, tmp_path) -> None:  # type: ignore[no-unty
 
 def test_bad_json_bodies_are_4xx(stack: Stack) -> None:
     for content in (b"{", b"[]", b'{"name": ""}', b'{"name": "a", "surprise": true}'):
-        resp = stack.client.post("/admin/tenants", content=content, headers={
-            **stack.admin, "content-type": "application/json"})
+        resp = stack.client.post(
+            "/admin/tenants",
+            content=content,
+            headers={**stack.admin, "content-type": "application/json"},
+        )
         assert resp.status_code == 422, content
         assert set(resp.json()["error"]) >= {"code", "message", "param"}
 
@@ -69,8 +80,12 @@ def test_health_ready_and_metrics(stack: Stack) -> None:
     assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
     assert ready.json()["checks"]["storage"] == "ok"
     _, headers, _ = stack.new_tenant()
-    stack.client.post("/v1/files", files={"file": ("a.jsonl", b'{"text": "abc"}\n')},
-                      data={"purpose": "fine-tune"}, headers=headers)
+    stack.client.post(
+        "/v1/files",
+        files={"file": ("a.jsonl", b'{"text": "abc"}\n')},
+        data={"purpose": "fine-tune"},
+        headers=headers,
+    )
     text = stack.client.get("/metrics").text
     assert 'qlora_http_requests_total{method="POST",route="/v1/files",status="200"}' in text
     assert "qlora_http_request_duration_seconds_bucket" in text

@@ -18,11 +18,19 @@ def jsonl(*rows: object) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
-def upload(stack: Stack, headers: dict[str, str], body: bytes, filename: str = "train.jsonl",
-           purpose: str | None = "fine-tune"):  # type: ignore[no-untyped-def]
+def upload(
+    stack: Stack,
+    headers: dict[str, str],
+    body: bytes,
+    filename: str = "train.jsonl",
+    purpose: str | None = "fine-tune",
+):  # type: ignore[no-untyped-def]
     data = {"purpose": purpose} if purpose is not None else {}
     return stack.client.post(
-        "/v1/files", files={"file": (filename, body, "application/jsonl")}, data=data, headers=headers
+        "/v1/files",
+        files={"file": (filename, body, "application/jsonl")},
+        data=data,
+        headers=headers,
     )
 
 
@@ -39,17 +47,26 @@ def stored_objects(stack: Stack, tenant_id: str) -> list[str]:
 
 def file_rows(stack: Stack, tenant_id: str) -> int:
     with stack.client.app.state.sessions() as session:  # type: ignore[attr-defined]
-        return int(session.scalar(select(func.count()).select_from(File).where(File.tenant_id == tenant_id)) or 0)
+        return int(
+            session.scalar(
+                select(func.count()).select_from(File).where(File.tenant_id == tenant_id)
+            )
+            or 0
+        )
 
 
 def test_upload_round_trip_with_stats(stack: Stack) -> None:
     tenant, headers, _ = stack.new_tenant()
-    body = jsonl(CHAT, CHAT, {"messages": [{"role": "system", "content": "be brief"}, *CHAT["messages"]]})
+    body = jsonl(
+        CHAT, CHAT, {"messages": [{"role": "system", "content": "be brief"}, *CHAT["messages"]]}
+    )
     resp = upload(stack, headers, body)
     assert resp.status_code == 200, resp.text
     obj = resp.json()
     assert obj["id"].startswith("file-")
-    assert obj["object"] == "file" and obj["status"] == "processed" and obj["purpose"] == "fine-tune"
+    assert (
+        obj["object"] == "file" and obj["status"] == "processed" and obj["purpose"] == "fine-tune"
+    )
     assert obj["format"] == "chat" and obj["rows"] == 3 and obj["bytes"] == len(body)
     assert obj["stats"]["messages"] == 7 and obj["stats"]["chars"] == 3 * 7 + 8
     import hashlib
@@ -58,8 +75,11 @@ def test_upload_round_trip_with_stats(stack: Stack) -> None:
     assert stack.client.get(f"/v1/files/{obj['id']}", headers=headers).json() == obj
     content = stack.client.get(f"/v1/files/{obj['id']}/content", headers=headers)
     assert content.status_code == 200 and content.content == body
-    assert stored_objects(stack, tenant) == ([f"{obj['id']}.jsonl"] if stack.name == "embedded"
-                                             else [f"files/{tenant}/{obj['id']}.jsonl"])
+    assert stored_objects(stack, tenant) == (
+        [f"{obj['id']}.jsonl"]
+        if stack.name == "embedded"
+        else [f"files/{tenant}/{obj['id']}.jsonl"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,7 +109,11 @@ def test_list_paginates_newest_first_and_delete_removes_object(stack: Stack) -> 
         seen += [f["id"] for f in page["data"]]
     assert seen == ids[::-1]
     resp = stack.client.delete(f"/v1/files/{ids[0]}", headers=headers)
-    assert resp.status_code == 200 and resp.json() == {"id": ids[0], "object": "file", "deleted": True}
+    assert resp.status_code == 200 and resp.json() == {
+        "id": ids[0],
+        "object": "file",
+        "deleted": True,
+    }
     assert stack.client.get(f"/v1/files/{ids[0]}", headers=headers).status_code == 404
     assert len(stored_objects(stack, tenant)) == 4 and file_rows(stack, tenant) == 4
 
@@ -144,11 +168,46 @@ BAD_INPUTS: list[tuple[str, bytes, str, int, str, list[int]]] = [
     ("not-json", b'{"text": "ok"}\n{"text": oops}\n', "a.jsonl", 400, "invalid_file", [2]),
     ("array-line", b'[{"text": "x"}]\n', "a.jsonl", 400, "invalid_file", [1]),
     ("wrong-fields", b'{"question": "q", "answer": "a"}\n', "a.jsonl", 400, "invalid_file", [1]),
-    ("extra-field", b'{"prompt": "q", "completion": "a", "label": 1}\n', "a.jsonl", 400, "invalid_file", [1]),
-    ("no-assistant", jsonl({"messages": [{"role": "user", "content": "hi"}]}), "a.jsonl", 400, "invalid_file", [1]),
-    ("bad-role", jsonl({"messages": [{"role": "bot", "content": "hi"}]}), "a.jsonl", 400, "invalid_file", [1]),
-    ("mixed", jsonl({"text": "a"}, {"prompt": "q", "completion": "a"}), "a.jsonl", 400, "invalid_file", [2]),
-    ("over-long-line", b'{"text": "' + b"x" * 5000 + b'"}\n{"text": "ok"}\n', "a.jsonl", 400, "invalid_file", [1]),
+    (
+        "extra-field",
+        b'{"prompt": "q", "completion": "a", "label": 1}\n',
+        "a.jsonl",
+        400,
+        "invalid_file",
+        [1],
+    ),
+    (
+        "no-assistant",
+        jsonl({"messages": [{"role": "user", "content": "hi"}]}),
+        "a.jsonl",
+        400,
+        "invalid_file",
+        [1],
+    ),
+    (
+        "bad-role",
+        jsonl({"messages": [{"role": "bot", "content": "hi"}]}),
+        "a.jsonl",
+        400,
+        "invalid_file",
+        [1],
+    ),
+    (
+        "mixed",
+        jsonl({"text": "a"}, {"prompt": "q", "completion": "a"}),
+        "a.jsonl",
+        400,
+        "invalid_file",
+        [2],
+    ),
+    (
+        "over-long-line",
+        b'{"text": "' + b"x" * 5000 + b'"}\n{"text": "ok"}\n',
+        "a.jsonl",
+        400,
+        "invalid_file",
+        [1],
+    ),
     ("traversal-name", jsonl({"text": "a"}), "../../etc/passwd", 400, "invalid_filename", []),
     ("nul-name", jsonl({"text": "a"}), "evil\x00.jsonl", 400, "invalid_filename", []),
     ("backslash-name", jsonl({"text": "a"}), "..\\..\\win.ini", 400, "invalid_filename", []),
@@ -162,10 +221,18 @@ def small_limits_stack(stack: Stack) -> Stack:
     return stack
 
 
-@pytest.mark.parametrize(("case", "body", "filename", "status", "code", "lines"), BAD_INPUTS,
-                         ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("case", "body", "filename", "status", "code", "lines"),
+    BAD_INPUTS,
+    ids=[c[0] for c in BAD_INPUTS],
+)
 def test_bad_input_is_rejected_and_leaves_nothing(
-    small_limits_stack: Stack, case: str, body: bytes, filename: str, status: int, code: str,
+    small_limits_stack: Stack,
+    case: str,
+    body: bytes,
+    filename: str,
+    status: int,
+    code: str,
     lines: list[int],
 ) -> None:
     stack = small_limits_stack
@@ -204,12 +271,14 @@ def test_one_byte_over_the_limit_is_413_and_exact_limit_passes(small_limits_stac
 def test_raw_nul_byte_in_filename_header_is_refused(stack: Stack) -> None:
     tenant, headers, _ = stack.new_tenant()
     body = (
-        b"--B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-        b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\x00b.jsonl\"\r\n"
-        b"Content-Type: application/jsonl\r\n\r\n{\"text\": \"a\"}\n\r\n--B--\r\n"
+        b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename="a\x00b.jsonl"\r\n'
+        b'Content-Type: application/jsonl\r\n\r\n{"text": "a"}\n\r\n--B--\r\n'
     )
     resp = stack.client.post(
-        "/v1/files", content=body, headers={**headers, "content-type": "multipart/form-data; boundary=B"}
+        "/v1/files",
+        content=body,
+        headers={**headers, "content-type": "multipart/form-data; boundary=B"},
     )
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_filename"
     assert stored_objects(stack, tenant) == [] and file_rows(stack, tenant) == 0
@@ -231,7 +300,9 @@ def test_missing_or_wrong_purpose_and_missing_file_part(stack: Stack) -> None:
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "purpose"
     resp = stack.client.post("/v1/files", data={"purpose": "fine-tune"}, headers=headers)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "file"
-    resp = stack.client.post("/v1/files", content=b"{}", headers={**headers, "content-type": "application/json"})
+    resp = stack.client.post(
+        "/v1/files", content=b"{}", headers={**headers, "content-type": "application/json"}
+    )
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "file"
     assert stored_objects(stack, tenant) == [] and file_rows(stack, tenant) == 0
 

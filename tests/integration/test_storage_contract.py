@@ -6,10 +6,10 @@ import hashlib
 import io
 import os
 import time
-from datetime import UTC, datetime
-from urllib.parse import parse_qs, urlparse
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
@@ -17,7 +17,14 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.prestart import migrate
-from shared.storage import FolderStore, ObjectNotFound, ObjectStore, S3Store, StorageError, check_key
+from shared.storage import (
+    FolderStore,
+    ObjectNotFound,
+    ObjectStore,
+    S3Store,
+    StorageError,
+    check_key,
+)
 from tests.conftest import SIGNING_SECRET, MotoS3, embedded_settings
 
 BIG = 65 * 1024 * 1024 + 12345  # over 64 MiB, and not a multiple of the part size
@@ -48,8 +55,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStor
         yield FolderStore(tmp_path / "objects", signing_secret=SIGNING_SECRET, base_url="")
     else:
         s3: MotoS3 = request.getfixturevalue("moto_s3")
-        yield S3Store(s3.new_bucket(), endpoint_url=s3.endpoint_url, access_key_id="testing",
-                      secret_access_key="testing")
+        yield S3Store(
+            s3.new_bucket(),
+            endpoint_url=s3.endpoint_url,
+            access_key_id="testing",
+            secret_access_key="testing",
+        )
 
 
 def test_round_trip_list_and_delete(store: ObjectStore) -> None:
@@ -58,7 +69,10 @@ def test_round_trip_list_and_delete(store: ObjectStore) -> None:
     store.put_bytes("files/org-b/file-3.jsonl", b"other\n")
     assert store.get_bytes("files/org-a/file-1.jsonl") == b"hello\n"
     assert store.size("files/org-a/file-2.jsonl") == 6
-    assert store.list_keys("files/org-a") == ["files/org-a/file-1.jsonl", "files/org-a/file-2.jsonl"]
+    assert store.list_keys("files/org-a") == [
+        "files/org-a/file-1.jsonl",
+        "files/org-a/file-2.jsonl",
+    ]
     store.delete("files/org-a/file-1.jsonl")
     assert not store.exists("files/org-a/file-1.jsonl")
     with pytest.raises(ObjectNotFound):
@@ -97,8 +111,16 @@ def test_streams_an_object_larger_than_64_mib(store: ObjectStore, tmp_path: Path
 
 
 def test_keys_cannot_escape(store: ObjectStore) -> None:
-    for bad in ["../etc/passwd", "files/../../x", "/abs/key", "files//x", "files/a b", "files/x\x00",
-                "files/./x", ""]:
+    for bad in [
+        "../etc/passwd",
+        "files/../../x",
+        "/abs/key",
+        "files//x",
+        "files/a b",
+        "files/x\x00",
+        "files/./x",
+        "",
+    ]:
         with pytest.raises(StorageError):
             store.put_bytes(bad, b"x")
     assert check_key("adapters/org-a/ftadapter-1/adapter_config.json")
@@ -135,11 +157,16 @@ def test_presigned_url_works_then_expires(store: ObjectStore, tmp_path: Path) ->
 
 def test_s3_uploads_send_no_default_crc_checksums(moto_s3: MotoS3) -> None:
     """MinIO and other S3-compatible stores reject boto3's default CRC32 trailers."""
-    store = S3Store(moto_s3.new_bucket(), endpoint_url=moto_s3.endpoint_url, access_key_id="testing",
-                    secret_access_key="testing")
+    store = S3Store(
+        moto_s3.new_bucket(),
+        endpoint_url=moto_s3.endpoint_url,
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
     sent: list[dict[str, str]] = []
-    store.client.meta.events.register("before-send.s3.PutObject",
-                                      lambda request, **_: sent.append(dict(request.headers)))
+    store.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
+    )
     store.put_bytes("files/org-a/f.jsonl", b"x")
     assert sent and not any(k.lower().startswith("x-amz-checksum") for k in sent[0])
     assert os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION") is None

@@ -18,8 +18,12 @@ def test_production_with_real_secrets_and_folder_store_needs_signing_secret() ->
     good = "k" * 40
     with pytest.raises(ValidationError, match="SIGNING_SECRET"):
         Settings(environment="production", admin_api_key=good, storage_url="file:///srv/objects")
-    s = Settings(environment="production", admin_api_key=good, signing_secret=good,
-                 storage_url="file:///srv/objects")
+    s = Settings(
+        environment="production",
+        admin_api_key=good,
+        signing_secret=good,
+        storage_url="file:///srv/objects",
+    )
     assert s.storage_scheme == "file"
 
 

@@ -47,8 +47,14 @@ def test_crlf_and_blank_lines_are_accepted() -> None:
         ({"prompt": "a", "completion": 3}, "field 'completion' must be a string"),
         ({"instruction": "a", "output": ""}, "field 'output' must not be empty"),
         ({"messages": []}, "field 'messages' must be a non-empty list"),
-        ({"messages": [{"role": "assistant", "content": 1}]}, "messages[0].content must be a string"),
-        ({"messages": [{"role": "assistant", "content": "x", "tool": 1}]}, "messages[0] has unknown field(s): tool"),
+        (
+            {"messages": [{"role": "assistant", "content": 1}]},
+            "messages[0].content must be a string",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "tool": 1}]},
+            "messages[0] has unknown field(s): tool",
+        ),
         ({"text": "a", "extra": 1}, "unexpected field(s) for text rows: extra"),
         ("a string", "each line must be a JSON object, got str"),
     ],
