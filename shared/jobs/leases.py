@@ -43,6 +43,7 @@ def claim_job(session: Session, *, job_id: str, owner: str, lease_seconds: float
     check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
     check_transition(JobStatus.RUNNING, JobStatus.RUNNING)
     now = utcnow()
+    previous = session.scalar(select(Job.status).where(Job.id == job_id))
     other = aliased(Job)
     running_elsewhere = (
         select(func.count())
@@ -81,7 +82,7 @@ def claim_job(session: Session, *, job_id: str, owner: str, lease_seconds: float
         session,
         job,
         f"Worker {owner} started attempt {job.attempt} of {job.max_attempts}",
-        data={"status": "running", "attempt": job.attempt, "worker": owner},
+        data={"status": "running", "from": previous, "attempt": job.attempt, "worker": owner},
     )
     return job
 

@@ -93,7 +93,7 @@ def test_events_checkpoints_and_metrics(stack: ServiceStack, finished: dict[str,
     events = stack.events(headers, job["id"])
     assert all(e["object"] == "fine_tuning.job.event" for e in events)
     statuses = [e["data"]["status"] for e in events if e["data"] and "from" in e["data"]]
-    assert statuses == ["queued", "succeeded"]
+    assert statuses == ["queued", "running", "succeeded"]
     steps = [e["data"]["step"] for e in events if e["type"] == "metrics" and "loss" in e["data"]]
     assert steps[0] == 1 and steps[-1] == FAST_SPEC["max_steps"] and steps == sorted(steps)
     with stack.http(headers) as c:
