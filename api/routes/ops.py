@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy import text
 
 from api.deps import SettingsDep, StoreDep
@@ -13,6 +14,15 @@ from shared.errors import NotFound
 from shared.storage import FolderStore, ObjectNotFound, StorageError
 
 router = APIRouter(tags=["ops"])
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "static" / "dashboard.html"
+
+
+@router.get("/", include_in_schema=False)
+def dashboard() -> FileResponse:
+    """The live dashboard: a static page that calls this API with the tenant's key."""
+    return FileResponse(DASHBOARD, media_type="text/html")
 
 
 @router.get("/healthz")

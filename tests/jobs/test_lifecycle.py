@@ -319,3 +319,34 @@ def test_openai_sdk_walkthrough(stack: ServiceStack, worker: None, tmp_path: Pat
     final = stack.wait_for(headers, victim.id, lambda j: j["status"] != "running"
                            and j["status"] != "queued", timeout=120)
     assert final["status"] == "cancelled"
+
+
+def test_dashboard_shows_jobs_and_live_events_in_a_browser(
+    stack: ServiceStack, finished: dict[str, Any], tmp_path: Path
+) -> None:
+    import shutil
+    import subprocess
+
+    from tests import services
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if services.REQUIRE_SERVICES:
+            pytest.fail("REQUIRE_SERVICES=1 but chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed; browser test skipped")
+    job = finished["job"]
+    key = finished["headers"]["Authorization"][7:]
+    url = f"{stack.url}/#key={key}&job={job['id']}"
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    dom = result.stdout
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'data-id="{job["id"]}"' in dom, dom[:3000]
+    assert 'class="status succeeded"' in dom
+    assert "Job succeeded: adapter " + job["fine_tuned_model"] in dom  # streamed over SSE
+    assert f"adapter: {job['fine_tuned_model']}" in dom
