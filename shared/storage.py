@@ -294,8 +294,10 @@ class _S3Writer(ObjectWriter):
     def write(self, data: bytes) -> None:
         self._buffer += data
         while len(self._buffer) >= PART_SIZE:
-            self._flush_part(bytes(self._buffer[:PART_SIZE]))
+            with memoryview(self._buffer) as view:
+                part = view[:PART_SIZE].tobytes()  # one copy, not slice + bytes()
             del self._buffer[:PART_SIZE]
+            self._flush_part(part)
 
     def _flush_part(self, body: bytes) -> None:
         if self._upload_id is None:
