@@ -68,8 +68,13 @@ class ServiceStack:
 
     def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}-{len(self.processes)}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**self.env, **env},
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.processes.append(proc)
         return proc
 
@@ -85,15 +90,20 @@ class ServiceStack:
     def upload(self, headers: dict[str, str], rows: list[dict[str, str]]) -> str:
         body = "".join(json.dumps(r) + "\n" for r in rows).encode()
         with self.http(headers) as c:
-            resp = c.post("/v1/files", files={"file": ("train.jsonl", body)},
-                          data={"purpose": "fine-tune"})
+            resp = c.post(
+                "/v1/files", files={"file": ("train.jsonl", body)}, data={"purpose": "fine-tune"}
+            )
         assert resp.status_code == 200, resp.text
         file_id: str = resp.json()["id"]
         return file_id
 
     def submit(self, headers: dict[str, str], file_id: str, **qlora: Any) -> dict[str, Any]:
-        body = {"model": "tiny-llama", "training_file": file_id, "suffix": "test",
-                "qlora": {**FAST_SPEC, **qlora}}
+        body = {
+            "model": "tiny-llama",
+            "training_file": file_id,
+            "suffix": "test",
+            "qlora": {**FAST_SPEC, **qlora},
+        }
         with self.http(headers) as c:
             resp = c.post("/v1/fine_tuning/jobs", json=body)
         assert resp.status_code == 200, resp.text
@@ -121,14 +131,20 @@ class ServiceStack:
                 after = page["data"][-1]["id"]
         return out[::-1]
 
-    def wait_for(self, headers: dict[str, str], job_id: str,
-                 predicate: Callable[[dict[str, Any]], bool], timeout: float = 240) -> dict[str, Any]:
+    def wait_for(
+        self,
+        headers: dict[str, str],
+        job_id: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 240,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         job = self.job(headers, job_id)
         while not predicate(job):
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting on {job_id}: {json.dumps(job)[:800]}\n"
-                                     + self.tail_logs())
+                raise AssertionError(
+                    f"timed out waiting on {job_id}: {json.dumps(job)[:800]}\n" + self.tail_logs()
+                )
             time.sleep(0.2)
             job = self.job(headers, job_id)
         return job
@@ -162,8 +178,9 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, moto_s3: MotoS3, base_model_dir: Path
-          ) -> Iterator[ServiceStack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, moto_s3: MotoS3, base_model_dir: Path
+) -> Iterator[ServiceStack]:
     services.require("Postgres", services.postgres_available())
     services.require("Redis", services.redis_available())
     var = tmp_path_factory.mktemp("var")
@@ -194,16 +211,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_s3: MotoS3, base_model_
             "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": "1",
         }
-        settings = Settings(**{k.lower(): v for k, v in env.items()  # type: ignore[arg-type]
-                               if k.lower() in Settings.model_fields})
+        settings = Settings(
+            **{
+                k.lower(): v
+                for k, v in env.items()  # type: ignore[arg-type]
+                if k.lower() in Settings.model_fields
+            }
+        )
         migrate(settings)
         with session_scope(settings) as session:
-            tenancy.register_model(session, name="tiny-llama", source=str(base_model_dir),
-                                   revision=None,
-                                   config=tenancy.read_local_config(str(base_model_dir)))
+            tenancy.register_model(
+                session,
+                name="tiny-llama",
+                source=str(base_model_dir),
+                revision=None,
+                config=tenancy.read_local_config(str(base_model_dir)),
+            )
         svc = ServiceStack(url=f"http://127.0.0.1:{port}", env=env, settings=settings, logs=logs)
-        svc.spawn("api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
-                          "--port", str(port)])
+        svc.spawn(
+            "api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+        )
         svc.spawn("beat", ["-m", "worker.main", "beat"])
         deadline = time.monotonic() + 60
         while True:

@@ -138,15 +138,18 @@ def test_other_tenant_sees_404_everywhere(stack: ServiceStack, finished: dict[st
             resp = c.request(method, path)
             assert resp.status_code == 404, (method, path, resp.text)
             assert resp.json()["error"]["code"] == "not_found"
-        sse = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events",
-                    headers={"Accept": "text/event-stream"})
+        sse = c.get(
+            f"/v1/fine_tuning/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}
+        )
         assert sse.status_code == 404
         assert c.get("/v1/fine_tuning/jobs").json()["data"] == []
         assert c.get("/v1/adapters").json()["data"] == []
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny-llama"]
         # the intruder cannot train on the owner's file either
-        resp = c.post("/v1/fine_tuning/jobs",
-                      json={"model": "tiny-llama", "training_file": finished["file_id"]})
+        resp = c.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tiny-llama", "training_file": finished["file_id"]},
+        )
         assert resp.status_code == 404 and resp.json()["error"]["param"] == "training_file"
 
 
@@ -221,8 +224,11 @@ def test_twenty_concurrent_identical_submissions_create_one_job(
 ) -> None:
     headers = stack.new_tenant("retrier")
     file_id = stack.upload(headers, addition_rows(40, seed=4))
-    body = {"model": "tiny-llama", "training_file": file_id,
-            "qlora": {**FAST_SPEC, "max_steps": 2, "checkpoint_steps": 1}}
+    body = {
+        "model": "tiny-llama",
+        "training_file": file_id,
+        "qlora": {**FAST_SPEC, "max_steps": 2, "checkpoint_steps": 1},
+    }
     key = {"Idempotency-Key": "submit-once-1"}
     results: list[httpx.Response] = []
     barrier = threading.Barrier(20)
@@ -278,8 +284,7 @@ def test_openai_sdk_walkthrough(stack: ServiceStack, worker: None, tmp_path: Pat
     from openai import OpenAI
 
     headers = stack.new_tenant("sdk")
-    client = OpenAI(base_url=f"{stack.url}/v1", api_key=headers["Authorization"][7:],
-                    max_retries=0)
+    client = OpenAI(base_url=f"{stack.url}/v1", api_key=headers["Authorization"][7:], max_retries=0)
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(80, seed=6)))
     uploaded = client.files.create(file=path.open("rb"), purpose="fine-tune")
@@ -289,8 +294,10 @@ def test_openai_sdk_walkthrough(stack: ServiceStack, worker: None, tmp_path: Pat
     job = client.fine_tuning.jobs.create(
         model="tiny-llama",
         training_file=uploaded.id,
-        method={"type": "supervised",
-                "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}},
+        },
         suffix="sdk",
         seed=7,
         metadata={"team": "search"},
@@ -302,7 +309,10 @@ def test_openai_sdk_walkthrough(stack: ServiceStack, worker: None, tmp_path: Pat
 
     deadline = time.monotonic() + 240
     while (current := client.fine_tuning.jobs.retrieve(job.id)).status not in (
-        "succeeded", "failed", "cancelled"):
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
         assert time.monotonic() < deadline, stack.tail_logs()
         time.sleep(0.3)
     assert current.status == "succeeded", current
@@ -316,8 +326,12 @@ def test_openai_sdk_walkthrough(stack: ServiceStack, worker: None, tmp_path: Pat
     victim = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
     cancelled = client.fine_tuning.jobs.cancel(victim.id)
     assert cancelled.status in ("cancelled", "running")
-    final = stack.wait_for(headers, victim.id, lambda j: j["status"] != "running"
-                           and j["status"] != "queued", timeout=120)
+    final = stack.wait_for(
+        headers,
+        victim.id,
+        lambda j: j["status"] != "running" and j["status"] != "queued",
+        timeout=120,
+    )
     assert final["status"] == "cancelled"
 
 
@@ -338,11 +352,25 @@ def test_dashboard_shows_jobs_and_live_events_in_a_browser(
     key = finished["headers"]["Authorization"][7:]
     url = f"{stack.url}/#key={key}&job={job['id']}"
     result = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=10000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     dom = result.stdout
     assert result.returncode == 0, result.stderr[-2000:]

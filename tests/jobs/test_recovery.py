@@ -13,15 +13,31 @@ from tests.jobs.conftest import ServiceStack, addition_rows, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REDIS_START = [
-    "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
-    "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
-    "--logfile", "/var/log/redis/ci.log",
+    "redis-server",
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "-::1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/var/lib/redis",
+    "--logfile",
+    "/var/log/redis/ci.log",
 ]
 
 
 def transitions(events: list[dict[str, Any]], status: str) -> int:
-    return sum(1 for e in events if (e["data"] or {}).get("status") == status and "from" in
-               (e["data"] or {}))
+    return sum(
+        1
+        for e in events
+        if (e["data"] or {}).get("status") == status and "from" in (e["data"] or {})
+    )
 
 
 def claims(events: list[dict[str, Any]]) -> list[int]:
@@ -29,8 +45,11 @@ def claims(events: list[dict[str, Any]]) -> list[int]:
 
 
 def resumed_from(events: list[dict[str, Any]]) -> list[str]:
-    return [e["message"].rsplit(" ", 1)[-1] for e in events
-            if e["message"].startswith("Resuming from checkpoint")]
+    return [
+        e["message"].rsplit(" ", 1)[-1]
+        for e in events
+        if e["message"].startswith("Resuming from checkpoint")
+    ]
 
 
 def test_kill_9_mid_job_resumes_from_the_last_checkpoint(stack: ServiceStack) -> None:
@@ -47,9 +66,14 @@ def test_kill_9_mid_job_resumes_from_the_last_checkpoint(stack: ServiceStack) ->
     with stack.http(headers) as c:
         newest = c.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"][0]
     # progress events are throttled, so the last one may predate the newest checkpoint
-    killed_at = max([newest["step_number"]] + [
-        e["data"]["step"] for e in stack.events(headers, job["id"])
-        if e["type"] == "metrics" and "loss" in (e["data"] or {})])
+    killed_at = max(
+        [newest["step_number"]]
+        + [
+            e["data"]["step"]
+            for e in stack.events(headers, job["id"])
+            if e["type"] == "metrics" and "loss" in (e["data"] or {})
+        ]
+    )
     second = stack.start_worker()
     try:
         done = stack.wait_for(headers, job["id"], lambda j: j["status"] == "succeeded")
@@ -96,8 +120,13 @@ def test_a_job_whose_worker_always_dies_fails_after_max_attempts(stack: ServiceS
     for attempt in (1, 2, 3):
         worker = stack.start_worker()
         try:
-            stack.wait_for(headers, job["id"], lambda j, a=attempt: j["attempt"] == a
-                           and j["progress"]["step"] >= 1 and j["status"] == "running")
+            stack.wait_for(
+                headers,
+                job["id"],
+                lambda j, a=attempt: (
+                    j["attempt"] == a and j["progress"]["step"] >= 1 and j["status"] == "running"
+                ),
+            )
             worker.send_signal(signal.SIGKILL)
             worker.wait(timeout=30)
         finally:
@@ -120,8 +149,9 @@ def test_broker_down_at_submit_delays_the_job_but_never_loses_it(stack: ServiceS
     file_id = stack.upload(headers, addition_rows(80, seed=14))
     worker = stack.start_worker()
     try:
-        subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False,
-                       capture_output=True)
+        subprocess.run(
+            ["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False, capture_output=True
+        )
         try:
             job = stack.submit(headers, file_id, max_steps=4, checkpoint_steps=2)
             assert job["status"] == "queued"
