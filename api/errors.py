@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,10 @@ _HTTP_CODES = {
 }
 
 
+# pydantic adds the union member it tried to a location: ("n_epochs", "int"), ("x", "literal['a']")
+_UNION_TAG = re.compile(r"^(int|float|str|bool|none|[a-z-]+\[.*\])$")
+
+
 def _error(status: int, code: str, message: str, param: str | None) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message, "param": param}}, status_code=status
@@ -36,7 +41,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        loc = [
+            str(p)
+            for p in first.get("loc", ())
+            if p not in ("body", "query", "path", "header") and not _UNION_TAG.match(str(p))
+        ]
         param = ".".join(loc) or None
         message = (
             f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg"))

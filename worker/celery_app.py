@@ -5,6 +5,8 @@ Imported by the API to publish, so it must stay light: no torch, no engine impor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from celery import Celery
 
 from shared.config import Settings, get_settings
@@ -13,6 +15,10 @@ RUN_JOB_TASK = "qlora.run_job"
 
 
 def make_celery(settings: Settings) -> Celery:
+    if settings.broker_url.startswith("sqla+sqlite:///"):  # kombu does not create the folder
+        Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
     app = Celery("qlora", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         task_acks_late=True,

@@ -77,7 +77,8 @@ def create_file(
 def get_file(session: Session, *, tenant_id: str, file_id: str, param: str = "file_id") -> File:
     row = session.get(File, file_id)
     if row is None or row.tenant_id != tenant_id:
-        raise NotFound(f"no file {file_id!r}", param=param)
+        where = "" if param == "file_id" else f"{param}: "
+        raise NotFound(f"{where}no file {file_id!r}", param=param)
     return row
 
 

@@ -7,6 +7,7 @@ renewing; the sweeper then requeues the job (or fails it once its attempts are s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from shared.events import record_event
 from shared.jobs.states import JobStatus, check_transition, set_status
 from shared.models import IdempotencyKey, Job, OutboxMessage, Tenant, utcnow
 
+log = logging.getLogger(__name__)
 OUTBOX_GRACE = timedelta(seconds=5)  # leave fresh rows to the publisher that wrote them
 REPUBLISH_QUEUED_AFTER = timedelta(minutes=10)
 
@@ -251,7 +253,14 @@ def publish_outbox(
         row.attempts += 1
         try:
             publish(row.job_id, row.queue)
-        except Exception:
+        except Exception as exc:
+            log.warning(
+                "could not publish job %s to %s: %s: %s",
+                row.job_id,
+                row.queue,
+                type(exc).__name__,
+                exc,
+            )
             session.flush()
             break  # the broker is down: stop trying until the next sweep
         row.sent_at = utcnow()
