@@ -52,7 +52,13 @@ def test_model_registry(stack: Stack, tmp_path) -> None:  # type: ignore[no-unty
     (tmp_path / "m" / "config.json").write_text('{"hidden_size": 64}')
     body = {"name": "tiny-llama", "source": str(tmp_path / "m"), "revision": None}
     resp = stack.client.post("/admin/models", json=body, headers=stack.admin)
-    assert resp.status_code == 201 and resp.json()["config"] == {"hidden_size": 64}
+    assert resp.status_code == 201
+    assert resp.json()["config"] == {"hidden_size": 64, "qlora_chat_template": False}
+    (tmp_path / "m" / "tokenizer_config.json").write_text('{"chat_template": "{{ x }}"}')
+    chat = stack.client.post(
+        "/admin/models", json={**body, "name": "with-template"}, headers=stack.admin
+    )
+    assert chat.json()["config"]["qlora_chat_template"] is True
     dup = stack.client.post("/admin/models", json=body, headers=stack.admin)
     assert dup.status_code == 409 and dup.json()["error"]["param"] == "name"
     bad = stack.client.post(
@@ -60,7 +66,7 @@ def test_model_registry(stack: Stack, tmp_path) -> None:  # type: ignore[no-unty
     )
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_value"
     names = [m["id"] for m in stack.client.get("/admin/models", headers=stack.admin).json()["data"]]
-    assert names == ["tiny-llama"]
+    assert names == ["tiny-llama", "with-template"]
 
 
 def test_bad_json_bodies_are_4xx(stack: Stack) -> None:
