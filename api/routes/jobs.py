@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.archive import stream_prefix_as_tar
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentTenant, SessionDep, StoreDep
 from shared.events import channel
 from shared.jobs import idempotency, leases, service
 from shared.jobs.schemas import (
@@ -221,6 +221,3 @@ def download_checkpoint(
 def job_metrics(job_id: str, tenant: CurrentTenant, session: SessionDep) -> MetricsSeries:
     job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)
     return MetricsSeries(job_id=job.id, **service.metrics_series(session, job=job))
-
-
-__all__ = ["SettingsDep", "router"]

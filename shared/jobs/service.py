@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, Invalid, NotFound, RateLimited
 from shared.estimate import MemoryEstimate, ModelShape, estimate_memory
+from shared.events import record_event
 from shared.files import service as files
 from shared.ids import new_id
 from shared.jobs.schemas import JobCreate
@@ -179,12 +180,7 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
 
 
 def list_jobs(
-    session: Session,
-    *,
-    tenant_id: str,
-    after: str | None,
-    limit: int,
-    metadata: dict[str, str] | None = None,
+    session: Session, *, tenant_id: str, after: str | None, limit: int
 ) -> tuple[list[Job], bool]:
     query = select(Job).where(Job.tenant_id == tenant_id)
     if after is not None:
@@ -193,11 +189,8 @@ def list_jobs(
             (Job.created_at < anchor.created_at)
             | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
         )
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc())))
-    if metadata:
-        rows = [
-            r for r in rows if all((r.user_metadata or {}).get(k) == v for k, v in metadata.items())
-        ]
+    order = (Job.created_at.desc(), Job.id.desc())
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 
@@ -214,8 +207,6 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     if status is JobStatus.RUNNING:
         if not job.cancel_requested:
             job.cancel_requested = True
-            from shared.events import record_event
-
             record_event(session, job, "Cancellation requested; stopping at the next step")
             session.flush()
         return job
