@@ -5,6 +5,8 @@ Imported by the API to publish, so it must stay light: no torch, no engine impor
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from celery import Celery
@@ -12,6 +14,11 @@ from celery import Celery
 from shared.config import Settings, get_settings
 
 RUN_JOB_TASK = "qlora.run_job"
+
+
+def worker_identity() -> str:
+    """The lease owner name of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def make_celery(settings: Settings) -> Celery:

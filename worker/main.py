@@ -8,8 +8,7 @@ import sys
 import threading
 
 from shared.config import get_settings
-from worker.celery_app import celery_app
-from worker.runner import worker_identity
+from worker.celery_app import celery_app, worker_identity
 from worker.sweeper import sweep
 
 

@@ -6,13 +6,10 @@ and the object store. The Celery task is a one-line call into `run_job`.
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import math
-import os
 import shutil
-import socket
 import tarfile
 import tempfile
 import time
@@ -32,14 +29,10 @@ from shared.jobs.states import JobStatus
 from shared.models import Adapter, Checkpoint, File, Job, RegisteredModel
 from shared.storage import ObjectStore, adapter_prefix, checkpoint_prefix, make_store
 from shared.train_spec import TrainSpec
-from worker.celery_app import publish_job
+from worker.celery_app import publish_job, worker_identity
 from worker.training.hooks import StopRequest, TrainHooks
 
 log = logging.getLogger("worker.runner")
-
-
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def shutdown_requested() -> bool:
@@ -255,7 +248,6 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        gc.collect()
 
 
 def _queue_of(sessions: sessionmaker[Session], job_id: str) -> str:
