@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.archive import stream_prefix_as_tar
 from api.deps import CurrentTenant, SessionDep, StoreDep
-from shared.events import channel
+from api.event_hub import EventHub, WatcherTooSlow
 from shared.jobs import idempotency, leases, service
 from shared.jobs.schemas import (
     CheckpointList,
@@ -27,13 +26,10 @@ from shared.jobs.schemas import (
     JobObject,
     MetricsSeries,
 )
-from shared.jobs.states import TERMINAL, JobStatus
 from shared.models import Job, OutboxMessage
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api.jobs")
-KEEPALIVE_S = 15.0
-POLL_S = 0.5
 
 
 def relay_outbox(request: Request, outbox_id: int) -> None:
@@ -135,58 +131,26 @@ def _sse(row: Any) -> str:
 async def _event_stream(request: Request, job_id: str, after: int) -> AsyncIterator[str]:
     """Stored events after `after`, then live ones; ends after the job's final event.
 
-    The database is the record: a pub/sub message only says "look again", so reconnecting
-    with Last-Event-ID resumes exactly after the last event the client saw.
+    The database is the record: reconnecting with Last-Event-ID resumes exactly after the
+    last event the client saw. `api.event_hub` shares one reader among all watchers of a job.
     """
-    sessions: sessionmaker[Session] = request.app.state.sessions
-    redis_url: str | None = request.app.state.settings.redis_url
-
-    def fetch(seq: int) -> tuple[list[Any], str | None]:
-        with sessions() as session:
-            status = session.get(Job, job_id)
-            current = status.status if status is not None else None  # status first, then rows
-            return service.events_since(session, job_id=job_id, seq=seq), current
-
-    pubsub = None
-    if redis_url:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(redis_url)
-        pubsub = client.pubsub()
-        try:
-            await pubsub.subscribe(channel(job_id))
-        except Exception as exc:  # Redis down: fall back to polling the table
-            log.warning("SSE falls back to polling: %s", exc)
-            pubsub = None
+    hub: EventHub = request.app.state.event_hub
     try:
-        idle = 0.0
-        while not await request.is_disconnected():
-            rows, status = await run_in_threadpool(fetch, after)
-            for row in rows:
-                yield _sse(row)
-                after = row.seq
-            if rows:
-                idle = 0.0
-                continue
-            if status is None or JobStatus(status) in TERMINAL:
-                yield f"event: done\ndata: {json.dumps({'status': status})}\n\n"
+        async for row in hub.watch(job_id, after):
+            if await request.is_disconnected():
                 return
-            waited = KEEPALIVE_S if pubsub is not None else POLL_S
-            if pubsub is not None:
-                try:
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=KEEPALIVE_S)
-                    waited = 0.0
-                except Exception:
-                    pubsub = None
-            else:
-                await asyncio.sleep(POLL_S)
-            idle += waited
-            if idle >= KEEPALIVE_S:
-                idle = 0.0
-                yield ": keepalive\n\n"
-    finally:
-        if pubsub is not None:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            yield ": keepalive\n\n" if row is None else _sse(row)
+    except WatcherTooSlow:
+        return  # no `done`: the client reconnects with Last-Event-ID and loses nothing
+    status = await run_in_threadpool(_job_status, request, job_id)
+    yield f"event: done\ndata: {json.dumps({'status': status})}\n\n"
+
+
+def _job_status(request: Request, job_id: str) -> str | None:
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        return job.status if job is not None else None
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
