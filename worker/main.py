@@ -34,6 +34,8 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     role = argv[0] if argv else "worker"
     if role == "worker":
+        import worker.runner  # noqa: F401  load torch and the engine now, not in the first job
+
         # One job at a time per GPU, in the worker's main process (solo pool): SIGTERM is a
         # warm shutdown that the running job sees through its should_stop hook.
         celery_app.worker_main(

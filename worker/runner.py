@@ -6,6 +6,7 @@ and the object store. The Celery task is a one-line call into `run_job`.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import math
@@ -248,6 +249,7 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        gc.collect()  # after the result is recorded: the job does not wait for it
 
 
 def _queue_of(sessions: sessionmaker[Session], job_id: str) -> str:

@@ -263,8 +263,11 @@ class _Run:
         for name in ("model", "optimizer", "scheduler", "params", "data"):
             if hasattr(self, name):
                 delattr(self, name)
-        gc.collect()
-        if torch.cuda.is_available():
+        # On a GPU the next job needs the memory back now: collect cycles, return the cache.
+        # On the CPU, reference counting frees the tensors; a caller that runs many jobs in
+        # one process (the worker) collects after it has reported the result.
+        if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
 
 
