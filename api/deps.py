@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
+from shared.db import unit_of_work
 from shared.errors import Unauthorized
 from shared.models import Tenant
 from shared.storage import ObjectStore
@@ -29,15 +30,8 @@ def get_store(request: Request) -> ObjectStore:
 def get_session(request: Request) -> Iterator[Session]:
     """One transaction per request: committed when the handler returns, else rolled back."""
     factory: sessionmaker[Session] = request.app.state.sessions
-    session = factory()
-    try:
+    with unit_of_work(factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def _bearer(request: Request) -> str:

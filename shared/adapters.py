@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from shared.errors import NotFound
 from shared.models import Adapter
+from shared.pagination import newest_first
 
 ARCHIVE_NAME = "adapter.tar.gz"
 
@@ -21,19 +22,11 @@ def get_adapter(session: Session, *, tenant_id: str, adapter_id: str) -> Adapter
 def list_adapters(
     session: Session, *, tenant_id: str, after: str | None, limit: int
 ) -> tuple[list[Adapter], bool]:
-    query = select(Adapter).where(Adapter.tenant_id == tenant_id)
-    if after is not None:
-        anchor = get_adapter(session, tenant_id=tenant_id, adapter_id=after)
-        query = query.where(
-            (Adapter.created_at < anchor.created_at)
-            | ((Adapter.created_at == anchor.created_at) & (Adapter.id < anchor.id))
-        )
-    rows = list(
-        session.scalars(
-            query.order_by(Adapter.created_at.desc(), Adapter.id.desc()).limit(limit + 1)
-        )
+    anchor = (
+        get_adapter(session, tenant_id=tenant_id, adapter_id=after) if after is not None else None
     )
-    return rows[:limit], len(rows) > limit
+    query = select(Adapter).where(Adapter.tenant_id == tenant_id)
+    return newest_first(session, query, Adapter, anchor=anchor, limit=limit)
 
 
 def delete_adapter(session: Session, *, tenant_id: str, adapter_id: str) -> Adapter:

@@ -49,8 +49,15 @@ def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
 
 @contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any exception."""
-    session = session_factory(settings)()
+    """One unit of work on the settings' database; see `unit_of_work`."""
+    with unit_of_work(session_factory(settings)) as session:
+        yield session
+
+
+@contextmanager
+def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """Commit on success, roll back on any exception, close either way."""
+    session = factory()
     try:
         yield session
         session.commit()

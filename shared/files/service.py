@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from shared.errors import BadRequest, NotFound
 from shared.files.validation import JsonlValidator
 from shared.models import File
+from shared.pagination import newest_first
 
 PURPOSES = frozenset({"fine-tune"})
 MAX_FILENAME_CHARS = 255
@@ -85,17 +86,13 @@ def get_file(session: Session, *, tenant_id: str, file_id: str, param: str = "fi
 def list_files(
     session: Session, *, tenant_id: str, after: str | None, limit: int
 ) -> tuple[list[File], bool]:
-    query = select(File).where(File.tenant_id == tenant_id)
-    if after is not None:
-        anchor = get_file(session, tenant_id=tenant_id, file_id=after, param="after")
-        query = query.where(
-            (File.created_at < anchor.created_at)
-            | ((File.created_at == anchor.created_at) & (File.id < anchor.id))
-        )
-    rows = list(
-        session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1))
+    anchor = (
+        get_file(session, tenant_id=tenant_id, file_id=after, param="after")
+        if after is not None
+        else None
     )
-    return rows[:limit], len(rows) > limit
+    query = select(File).where(File.tenant_id == tenant_id)
+    return newest_first(session, query, File, anchor=anchor, limit=limit)
 
 
 def delete_file(session: Session, *, tenant_id: str, file_id: str) -> File:

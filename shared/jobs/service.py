@@ -17,6 +17,7 @@ from shared.ids import new_id
 from shared.jobs.schemas import JobCreate
 from shared.jobs.states import ACTIVE, JobStatus, set_status
 from shared.models import Checkpoint, Job, JobEvent, OutboxMessage, RegisteredModel, Tenant
+from shared.pagination import newest_first
 from shared.tenancy.service import CHAT_TEMPLATE_FLAG, get_model_by_name
 from shared.train_spec import TrainSpec
 
@@ -182,16 +183,9 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
 def list_jobs(
     session: Session, *, tenant_id: str, after: str | None, limit: int
 ) -> tuple[list[Job], bool]:
+    anchor = get_job(session, tenant_id=tenant_id, job_id=after) if after is not None else None
     query = select(Job).where(Job.tenant_id == tenant_id)
-    if after is not None:
-        anchor = get_job(session, tenant_id=tenant_id, job_id=after)
-        query = query.where(
-            (Job.created_at < anchor.created_at)
-            | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
-        )
-    order = (Job.created_at.desc(), Job.id.desc())
-    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first(session, query, Job, anchor=anchor, limit=limit)
 
 
 def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
