@@ -45,3 +45,37 @@ def test_resume_is_exact_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
     b = load_file(resumed.output_dir / "adapter_model.safetensors")
     # CUDA kernels are not bitwise deterministic run to run: a looser bound than on CPU
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+def _adam_step_under_cap(make_optimizer: object) -> None:
+    """Four 256 MiB fp32 parameters with gradients, then the allocator capped at what is
+    already in use plus 512 MiB: a 32-bit AdamW state (2 GiB) cannot come from it."""
+    device = torch.device("cuda")
+    params = [torch.nn.Parameter(torch.randn(8192, 8192, device=device)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.cuda.synchronize()
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = torch.cuda.memory_reserved(device) + 512 * 2**20
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    try:
+        optimizer = make_optimizer(params)  # type: ignore[operator]
+        for _ in range(2):
+            optimizer.step()
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        del params
+        torch.cuda.empty_cache()
+
+
+def test_paged_optimizer_steps_under_memory_pressure() -> None:
+    """Paged optimizers keep their state in CUDA unified memory, outside torch's allocator,
+    which the driver pages to host RAM under pressure; torch's AdamW needs the same state
+    inside the capped allocator and runs out of memory. The control proves the pressure."""
+    import bitsandbytes as bnb
+
+    with pytest.raises(torch.OutOfMemoryError):
+        _adam_step_under_cap(lambda ps: torch.optim.AdamW(ps, lr=1e-4))
+    _adam_step_under_cap(lambda ps: bnb.optim.PagedAdamW32bit(ps, lr=1e-4))
+    _adam_step_under_cap(lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=1e-4))
