@@ -333,6 +333,22 @@ def test_openai_sdk_walkthrough(stack: ServiceStack, worker: None, tmp_path: Pat
         timeout=120,
     )
     assert final["status"] == "cancelled"
+    # Deleting the adapter removes its record, its objects and its model entry.
+    adapter_id = stack.job(headers, job.id)["adapter_id"]
+    with stack.http(headers) as c:
+        assert c.delete(f"/v1/adapters/{adapter_id}").json() == {
+            "id": adapter_id,
+            "object": "adapter",
+            "deleted": True,
+        }
+        assert c.get(f"/v1/adapters/{adapter_id}").status_code == 404
+        assert c.get(f"/v1/adapters/{adapter_id}/download").status_code == 404
+    assert current.fine_tuned_model not in [m.id for m in client.models.list().data]
+    from shared.storage import make_store
+
+    store = make_store(stack.settings)
+    tenant_id = current.organization_id
+    assert store.list_keys(f"adapters/{tenant_id}/{adapter_id}") == []
 
 
 def test_dashboard_shows_jobs_and_live_events_in_a_browser(
