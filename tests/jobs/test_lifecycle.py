@@ -394,3 +394,19 @@ def test_dashboard_shows_jobs_and_live_events_in_a_browser(
     assert 'class="status succeeded"' in dom
     assert "Job succeeded: adapter " + job["fine_tuned_model"] in dom  # streamed over SSE
     assert f"adapter: {job['fine_tuned_model']}" in dom
+
+
+def test_a_job_that_cannot_train_fails_once_with_the_reason(
+    stack: ServiceStack, worker: None
+) -> None:
+    headers = stack.new_tenant("bad-data")
+    rows = [{"prompt": "x" * 60 + str(i), "completion": "y"} for i in range(20)]
+    file_id = stack.upload(headers, rows)  # valid JSONL, but no completion fits in 8 tokens
+    job = stack.submit(headers, file_id, max_seq_length=8)
+    done = stack.wait_for(headers, job["id"], lambda j: j["status"] in ("failed", "succeeded"))
+    assert done["status"] == "failed" and done["attempt"] == 1
+    assert done["error"]["code"] == "training_error"
+    assert "max_seq_length" in done["error"]["message"]
+    assert done["adapter_id"] is None and done["finished_at"] is not None
+    events = stack.events(headers, job["id"])
+    assert events[-1]["level"] == "error" and events[-1]["message"].startswith("Job failed")
