@@ -36,7 +36,7 @@ DONE = None  # queue sentinel: the job is final and every event was handed out
 
 
 class WatcherTooSlow(Exception):
-    pass
+    """The watcher fell too far behind and was dropped; its client reconnects."""
 
 
 @dataclass

@@ -88,7 +88,7 @@ WORDS = tuple(
 
 
 class BenchError(RuntimeError):
-    pass
+    """An upload or a check of its result failed."""
 
 
 # --------------------------------------------------------------------------- data

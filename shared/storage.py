@@ -31,11 +31,11 @@ CHUNK_SIZE = 1024 * 1024
 
 
 class StorageError(RuntimeError):
-    pass
+    """The store refused an operation (bad key, bad expiry, unreachable backend)."""
 
 
 class ObjectNotFound(StorageError):
-    pass
+    """No object under that key."""
 
 
 def check_key(key: str) -> str:
