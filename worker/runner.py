@@ -31,6 +31,7 @@ from shared.models import Adapter, Checkpoint, File, Job, RegisteredModel
 from shared.storage import ObjectStore, adapter_prefix, checkpoint_prefix, make_store
 from shared.train_spec import TrainSpec
 from worker.celery_app import publish_job, worker_identity
+from worker.training.checkpoint import CheckpointError
 from worker.training.hooks import StopRequest, TrainHooks
 
 log = logging.getLogger("worker.runner")
@@ -300,15 +301,36 @@ def _train_claimed(
                     f"Resuming from checkpoint {resume.name}",
                 )
         spec = TrainSpec(**job.spec)
-        result = train(
-            spec,
-            train_path,
-            workdir / "out",
-            hooks,
-            validation_path=val_path,
-            resume_from=resume,
-            base_model_path=base_path,
-        )
+        try:
+            result = train(
+                spec,
+                train_path,
+                workdir / "out",
+                hooks,
+                validation_path=val_path,
+                resume_from=resume,
+                base_model_path=base_path,
+            )
+        except CheckpointError as exc:
+            if resume is None:
+                raise
+            # An unusable checkpoint costs the steps since the start, not the job.
+            with sessions.begin() as session:
+                record_event(
+                    session,
+                    session.get(Job, job.id) or job,
+                    level="warn",
+                    message=f"Checkpoint {resume.name} is unusable ({exc}); "
+                    "starting over from step 0",
+                )
+            result = train(
+                spec,
+                train_path,
+                workdir / "out2",
+                hooks,
+                validation_path=val_path,
+                base_model_path=base_path,
+            )
     except Exception as exc:
         log.exception("job %s failed", job.id)
         with sessions.begin() as session:

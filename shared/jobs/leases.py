@@ -90,9 +90,14 @@ def claim_job(session: Session, *, job_id: str, owner: str, lease_seconds: float
 
 
 def is_waiting_turn(session: Session, *, job_id: str) -> bool:
-    """After a lost claim: is the job still queued (held back by the tenant's limit)?"""
+    """After a lost claim: is the job still claimable later (held back by the tenant's limit)?"""
     job = session.get(Job, job_id)
-    return job is not None and job.status == "queued" and not job.cancel_requested
+    return (
+        job is not None
+        and job.status == "queued"
+        and not job.cancel_requested
+        and job.attempt < job.max_attempts
+    )
 
 
 def renew_lease(
@@ -129,7 +134,9 @@ def finish(
     """Move a job this worker holds to a final state (or back to queued on release)."""
     values = dict(fields)
     if target is JobStatus.QUEUED:
-        values.update(lease_owner=None, lease_expires_at=None)
+        # A graceful release (preemption) is not the job's failure: it gets its attempt back
+        # as an extra one, so `attempt` still counts claims and crashes stay bounded.
+        values.update(lease_owner=None, lease_expires_at=None, max_attempts=job.max_attempts + 1)
     moved = set_status(
         session,
         job,

@@ -99,6 +99,7 @@ def test_sigterm_checkpoints_before_exit_and_the_next_worker_resumes(stack: Serv
     assert first.wait(timeout=90) == 0  # a warm shutdown, not a crash
     queued = stack.job(headers, job["id"])
     assert queued["status"] == "queued" and queued["attempt"] == 1
+    assert queued["max_attempts"] == 4  # a graceful preemption does not use up an attempt
     with stack.http(headers) as c:
         ckpts = c.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
     assert len(ckpts) == 1 and ckpts[0]["step_number"] >= 6  # written on the way out
@@ -165,3 +166,29 @@ def test_broker_down_at_submit_delays_the_job_but_never_loses_it(stack: ServiceS
     events = stack.events(headers, job["id"])
     assert done["attempt"] == 1 and transitions(events, "running") == 1
     assert transitions(events, "succeeded") == 1
+
+
+def test_an_unusable_checkpoint_costs_the_steps_not_the_job(stack: ServiceStack) -> None:
+    from shared.storage import make_store
+
+    headers = stack.new_tenant("corrupt")
+    file_id = stack.upload(headers, addition_rows(80, seed=15))
+    job = stack.submit(headers, file_id, max_steps=24, checkpoint_steps=100)
+    first = stack.start_worker()
+    stack.wait_for(headers, job["id"], lambda j: j["progress"]["step"] >= 3)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=90) == 0
+    with stack.http(headers) as c:
+        ckpt = c.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"][0]
+    store = make_store(stack.settings)
+    tenant = stack.job(headers, job["id"])["organization_id"]
+    prefix = f"checkpoints/{tenant}/{job['id']}/step-{ckpt['step_number']}/"
+    store.put_bytes(prefix + "adapter_model.safetensors", b"bit rot")  # sha256 no longer matches
+    second = stack.start_worker()
+    try:
+        done = stack.wait_for(headers, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
+    finally:
+        stop(second)
+    assert done["status"] == "succeeded", done["error"]
+    warnings = [e["message"] for e in stack.events(headers, job["id"]) if e["level"] == "warn"]
+    assert any(m.startswith(f"Checkpoint step-{ckpt['step_number']} is unusable") for m in warnings)
