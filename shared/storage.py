@@ -15,6 +15,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlencode, urlparse
@@ -142,13 +143,12 @@ class ObjectStore(ABC):
         tmp.replace(path)
 
     def upload_dir(self, prefix: str, folder: Path) -> list[str]:
-        """Upload every file under `folder` below `prefix`; returns the keys written."""
+        """Upload every file under `folder` below `prefix` (a few at a time); returns the keys."""
         prefix = check_prefix(prefix)
-        keys = []
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            key = prefix + path.relative_to(folder).as_posix()
-            self.put_file(key, path)
-            keys.append(key)
+        paths = sorted(p for p in folder.rglob("*") if p.is_file())
+        keys = [prefix + path.relative_to(folder).as_posix() for path in paths]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(self.put_file, keys, paths))
         return keys
 
     def download_prefix(self, prefix: str, folder: Path) -> list[Path]:

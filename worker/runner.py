@@ -221,7 +221,8 @@ def _fetch_checkpoint(store: ObjectStore, session: Session, job: Job, into: Path
 
 def _archive(folder: Path) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    # Level 1: LoRA weights barely compress, so higher levels only cost CPU time.
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
         for path in sorted(p for p in folder.iterdir() if p.is_file()):
             tar.add(path, arcname=f"adapter/{path.name}")
     return buf.getvalue()
