@@ -75,8 +75,10 @@ def list_files(
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
     purpose: str | None = None,
 ) -> FileList:
-    rows, has_more = service.list_files(session, tenant_id=tenant.id, after=after, limit=limit)
-    data = [FileObject.of(r) for r in rows if purpose is None or r.purpose == purpose]
+    rows, has_more = service.list_files(
+        session, tenant_id=tenant.id, after=after, limit=limit, purpose=purpose
+    )
+    data = [FileObject.of(r) for r in rows]
     return FileList(
         data=data,
         has_more=has_more,

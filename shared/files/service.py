@@ -84,7 +84,7 @@ def get_file(session: Session, *, tenant_id: str, file_id: str, param: str = "fi
 
 
 def list_files(
-    session: Session, *, tenant_id: str, after: str | None, limit: int
+    session: Session, *, tenant_id: str, after: str | None, limit: int, purpose: str | None = None
 ) -> tuple[list[File], bool]:
     anchor = (
         get_file(session, tenant_id=tenant_id, file_id=after, param="after")
@@ -92,6 +92,8 @@ def list_files(
         else None
     )
     query = select(File).where(File.tenant_id == tenant_id)
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
     return newest_first(session, query, File, anchor=anchor, limit=limit)
 
 

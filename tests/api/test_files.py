@@ -108,6 +108,8 @@ def test_list_paginates_newest_first_and_delete_removes_object(stack: Stack) -> 
         page = stack.client.get(f"/v1/files?limit=2&after={seen[-1]}", headers=headers).json()
         seen += [f["id"] for f in page["data"]]
     assert seen == ids[::-1]
+    assert stack.client.get("/v1/files?purpose=batch", headers=headers).json()["data"] == []
+    assert len(stack.client.get("/v1/files?purpose=fine-tune", headers=headers).json()["data"]) == 5
     resp = stack.client.delete(f"/v1/files/{ids[0]}", headers=headers)
     assert resp.status_code == 200 and resp.json() == {
         "id": ids[0],
