@@ -1,18 +1,24 @@
-"""Prometheus metrics: requests by route template and status, latency, upload bytes."""
+"""Prometheus metrics: requests by route and status, latency, upload bytes, jobs by status."""
 
 from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.jobs.states import JobStatus
+from shared.models import Job, OutboxMessage
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 REQUESTS = Counter(
@@ -55,9 +61,27 @@ class MetricsMiddleware:
             REQUESTS.labels(scope["method"], route, str(status)).inc()
 
 
+def job_gauges(sessions: sessionmaker[Session]) -> bytes:
+    """Jobs by status and the unsent outbox, read from the database at scrape time (the
+    database, not this process, knows the whole fleet's state)."""
+    registry = CollectorRegistry()
+    jobs = Gauge("qlora_jobs", "Fine-tuning jobs by status", ["status"], registry=registry)
+    unsent = Gauge("qlora_outbox_unsent", "Job messages not yet published", registry=registry)
+    with sessions() as session:
+        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        pending = session.scalar(
+            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None))
+        )
+    for status in JobStatus:
+        jobs.labels(status.value).set(counts.get(status.value, 0))
+    unsent.set(pending or 0)
+    return generate_latest(registry)
+
+
 def install_metrics(app: FastAPI) -> None:
     app.add_middleware(MetricsMiddleware)
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    def metrics(request: Request) -> Response:
+        body = generate_latest(REGISTRY) + job_gauges(request.app.state.sessions)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)

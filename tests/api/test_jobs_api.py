@@ -181,8 +181,16 @@ def test_a_job_no_gpu_can_hold_is_422_with_the_estimate(stack: Stack, tenant: An
 
 
 def test_queued_limit_is_429_with_retry_after(stack: Stack, tenant: Any) -> None:
+    def queued_gauge() -> float:
+        scrape = stack.client.get("/metrics").text
+        assert "qlora_outbox_unsent" in scrape and 'qlora_jobs{status="running"}' in scrape
+        line = next(x for x in scrape.splitlines() if x.startswith('qlora_jobs{status="queued"}'))
+        return float(line.split()[-1])
+
+    before = queued_gauge()  # the services stack's database is shared by the session's tests
     for _ in range(3):
         assert submit(stack, tenant).status_code == 200
+    assert queued_gauge() == before + 3
     resp = submit(stack, tenant)
     assert resp.status_code == 429 and resp.headers["retry-after"] == "30"
     assert resp.json()["error"]["code"] == "rate_limit_exceeded"
