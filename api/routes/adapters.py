@@ -108,7 +108,7 @@ def list_models(tenant: CurrentTenant, session: SessionDep) -> dict[str, Any]:
         }
         for a in rows
     ]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": data, "has_more": False}
 
 
 @router.post("/v1/estimates", response_model=EstimateObject)
