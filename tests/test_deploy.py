@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import services
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 
@@ -16,6 +18,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 def test_compose_file_validates() -> None:
     tool = shutil.which("docker-compose")
     if tool is None:
+        if services.REQUIRE_SERVICES:
+            pytest.fail("REQUIRE_SERVICES=1 but docker-compose is not installed")
         pytest.skip("docker-compose is not installed (.ci/run installs it)")
     result = subprocess.run(
         [tool, "-f", str(COMPOSE), "config", "-q"],
