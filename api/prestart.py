@@ -84,8 +84,6 @@ def ensure_tiny_model(settings: Settings) -> None:
             session,
             name=TINY_MODEL_NAME,
             source=str(folder),
-            revision=None,
-            config=tenancy.read_local_config(str(folder)),
         )
 
 

@@ -75,6 +75,7 @@ if str(ROOT) not in sys.path:  # `python bench/service.py` puts bench/ first, no
 from sqlalchemy import select, text  # noqa: E402
 
 from api.prestart import migrate  # noqa: E402
+from bench.procs import stop_process  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.db import session_scope  # noqa: E402
 from shared.events import configure_publisher, record_event  # noqa: E402
@@ -274,20 +275,6 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    """SIGTERM the child's process group (it leads one: start_new_session), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 _MOTO_MAIN = """
@@ -510,8 +497,6 @@ def service_stack(work: Path, redis_db: int) -> Iterator[Stack]:
                     session,
                     name="tiny-llama",
                     source=str(model_dir),
-                    revision=None,
-                    config=tenancy.read_local_config(str(model_dir)),
                 )
             configure_publisher(redis_url)
             stack = Stack(work=work, env=env, settings=settings)

@@ -44,6 +44,11 @@ from types import FrameType
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/upload.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+
+from bench.procs import stop_process  # noqa: E402
+
 MIB = 1024 * 1024
 MB = 1000 * 1000
 RSS_TARGET_BYTES = 64 * MIB
@@ -184,20 +189,6 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_ENV}
     env.update(extra)
     return env
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """Terminate a child we started (it leads its own process group), then kill if needed."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

@@ -46,7 +46,7 @@ def register_model(body: ModelRegister, session: SessionDep) -> ModelObject:
         name=body.name,
         source=body.source,
         revision=body.revision,
-        config=body.config or service.read_local_config(body.source),
+        config=body.config,
     )
     return ModelObject.of(row)
 

@@ -116,8 +116,16 @@ def read_local_config(source: str) -> dict[str, Any] | None:
 
 
 def register_model(
-    session: Session, *, name: str, source: str, revision: str | None, config: dict[str, Any] | None
+    session: Session,
+    *,
+    name: str,
+    source: str,
+    revision: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> RegisteredModel:
+    """Register a base model; without `config`, a local folder's own is read."""
+    if config is None:
+        config = read_local_config(source)
     if session.scalar(select(RegisteredModel).where(RegisteredModel.name == name)) is not None:
         raise Conflict(f"a base model named {name!r} is already registered", param="name")
     row = RegisteredModel(

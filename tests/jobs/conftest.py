@@ -224,8 +224,6 @@ def stack(
                 session,
                 name="tiny-llama",
                 source=str(base_model_dir),
-                revision=None,
-                config=tenancy.read_local_config(str(base_model_dir)),
             )
         svc = ServiceStack(url=f"http://127.0.0.1:{port}", env=env, settings=settings, logs=logs)
         svc.spawn(
