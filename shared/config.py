@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
     s3_region: str = "us-east-1"
+    s3_connect_timeout_seconds: float = Field(5.0, gt=0, description="S3 connect timeout.")
+    s3_read_timeout_seconds: float = Field(
+        30.0, gt=0, description="S3 read timeout: a stalled store is noticed this fast."
+    )
+    s3_max_attempts: int = Field(
+        4, ge=1, description="boto's own tries per S3 call (standard retry mode)."
+    )
     admin_api_key: str | None = Field(None, description="Bearer key of the /admin API.")
     signing_secret: str | None = Field(
         None, description="HMAC key for signed download URLs of the folder store."
@@ -43,7 +50,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(GIB, gt=0, description="Largest accepted upload, in bytes.")
     max_line_bytes: int = Field(1024 * 1024, gt=0, description="Longest accepted JSONL line.")
     public_base_url: str = Field("", description="Base of absolute URLs the API hands out.")
-    worker_queues: str = Field("cpu", description="Comma-separated GPU-class queues to consume.")
+    worker_queues: str = Field(
+        "auto",
+        description="Comma-separated GPU-class queues to consume; `auto`: every class this "
+        "worker's memory holds, plus `cpu`.",
+    )
     models_dir: Path | None = Field(None, description="Where generated local base models live.")
     lease_seconds: float = Field(60.0, gt=0, description="A worker's hold on a running job.")
     sweep_interval_seconds: float = Field(10.0, gt=0, description="How often the beat sweeps.")
@@ -52,6 +63,86 @@ class Settings(BaseSettings):
     )
     register_tiny_model: bool = Field(
         True, description="Prestart builds and registers the local `tiny-llama` base model."
+    )
+    # --- worker resilience (heartbeat leases, fault retries, deferral) ----------------------
+    lease_renew_fraction: float = Field(
+        1 / 3, gt=0, lt=1, description="The heartbeat renews the lease every this fraction of it."
+    )
+    transient_retry_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Retry budget of one transient fault inside an attempt (for resumable "
+        "uploads: time without an object landing).",
+    )
+    transient_requeue_delay_seconds: float = Field(
+        30.0, ge=0, description="A job requeued after a transient fault waits this long."
+    )
+    defer_seconds: float = Field(
+        15.0, gt=0, description="How often a job waiting for its tenant's slot is re-checked."
+    )
+    # --- worker fleet ------------------------------------------------------------------------
+    worker_memory_bytes: int | None = Field(
+        None, gt=0, description="Memory this worker declares (default: VRAM, or RAM on a CPU)."
+    )
+    worker_heartbeat_seconds: float = Field(
+        10.0, gt=0, description="How often a worker announces itself in `workers`."
+    )
+    worker_stale_seconds: float = Field(
+        45.0, gt=0, description="A worker unheard of this long is not live."
+    )
+    # --- retention ---------------------------------------------------------------------------
+    checkpoint_keep_last: int = Field(
+        3, ge=1, description="Checkpoints kept per job: the newest K plus the best by eval loss."
+    )
+    outbox_retention_hours: float = Field(24.0, gt=0, description="Sent outbox rows kept.")
+    multipart_abort_after_hours: float = Field(
+        24.0, gt=0, description="Unfinished S3 multipart uploads older than this are aborted."
+    )
+    # --- input bounds ------------------------------------------------------------------------
+    max_json_body_bytes: int = Field(
+        1024 * 1024, gt=0, description="Largest accepted JSON request body (413 above)."
+    )
+    max_multipart_fields: int = Field(16, gt=0, description="Most multipart parts per request.")
+    max_multipart_field_bytes: int = Field(
+        64 * 1024, gt=0, description="Largest non-file multipart field."
+    )
+    max_filename_chars: int = Field(255, gt=0, description="Longest accepted upload filename.")
+    max_streams_per_tenant: int = Field(
+        32, gt=0, description="Concurrent SSE streams per tenant in one API process (429 above)."
+    )
+    # --- webhooks (docs/webhooks.md) ----------------------------------------------------------
+    webhooks_allow_private: bool = Field(
+        False,
+        description="Admin switch: let webhook URLs resolve to loopback, private, link-local or "
+        "other non-public addresses (a receiver on this machine or the LAN).",
+    )
+    webhooks_max_endpoints: int = Field(10, gt=0, description="Webhook endpoints per tenant.")
+    webhooks_timeout_seconds: float = Field(
+        10.0, gt=0, description="Connect and read timeout of one webhook delivery attempt."
+    )
+    webhooks_retry_base_seconds: float = Field(
+        10.0, gt=0, description="Wait after a delivery's first failed attempt; doubles each time."
+    )
+    webhooks_retry_max_interval_seconds: float = Field(
+        3600.0, gt=0, description="Longest wait between two attempts of one delivery."
+    )
+    webhooks_max_attempts: int = Field(
+        12, ge=1, description="Attempts of one delivery before it is marked failed."
+    )
+    webhooks_retry_window_seconds: float = Field(
+        24 * 3600.0, gt=0, description="No delivery is retried later than this after its event."
+    )
+    # --- experiment tracking (docs/integrations.md) ----------------------------------------
+    wandb_api_key: str | None = Field(
+        None, description="Weights & Biases key: jobs may ask for the `wandb` integration."
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None,
+        description="W&B's own WANDB_MODE; `offline` enables the integration without a key "
+        "(runs are written under WANDB_DIR for `wandb sync`), `disabled` turns it off.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server (or sqlite:/file: store) for `mlflow`."
     )
 
     @model_validator(mode="after")
@@ -84,6 +175,16 @@ class Settings(BaseSettings):
     @property
     def storage_scheme(self) -> str:
         return urlparse(self.storage_url).scheme
+
+    @property
+    def tracking_integrations(self) -> frozenset[str]:
+        """The `integrations` types this deployment can honour."""
+        kinds = set()
+        if self.wandb_mode != "disabled" and (self.wandb_api_key or self.wandb_mode == "offline"):
+            kinds.add("wandb")
+        if self.mlflow_tracking_uri:
+            kinds.add("mlflow")
+        return frozenset(kinds)
 
     @property
     def queues(self) -> list[str]:

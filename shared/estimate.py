@@ -10,17 +10,29 @@ The parts, in bytes:
   constants: 32/64 bit/param of fp32 absmax without double quantization (4.5 bits), and
   8/64 + 32/(64*256) bit/param with it (about 4.127 bits). With `quant_type="none"` they are
   stored in the compute dtype.
-* unquantized weights: embeddings, output head (unless tied) and norms. With 4-bit loading
-  `prepare_model_for_kbit_training` upcasts them to fp32; otherwise compute dtype.
+* unquantized weights: embeddings and output head (unless tied) in the compute dtype, norms in
+  fp32 (the engine's mixed-precision layout, `worker/training/model.py`).
 * LoRA: r * (in + out) parameters per adapted projection (plus the magnitude vector with DoRA,
-  plus full copies of `modules_to_save`), kept in fp32, with fp32 gradients.
+  plus full copies of `modules_to_save`), kept in fp32 (master weights), with fp32 gradients.
 * optimizer: two Adam moments per trainable parameter, 4 bytes each for 32-bit optimizers; the
   8-bit ones store 1 byte each plus one fp32 absmax per 256-value block, but only for tensors
   of at least 4096 values (bitsandbytes' `min_8bit_size`), smaller ones stay 32-bit.
 * activations of one micro-batch of `batch_size * max_seq_length` tokens (the packed worst
-  case), counted as the tensors autograd saves per decoder layer (see `_layer_activation_bytes`);
-  with gradient checkpointing only each layer's fp32 input is kept, plus one layer recomputed.
-* logits: fp32 logits and their gradient for every token of the micro-batch.
+  case), counted as the tensors autograd saves per decoder layer under autocast (see
+  `_layer_activation_bytes`); with gradient checkpointing each layer's input (in the compute
+  dtype) is kept, plus one layer recomputed and its backward's gradients.
+* logits: the engine's cross-entropy runs over chunks of `LOGITS_CHUNK_ELEMENTS // vocab`
+  tokens under checkpointing, so only one chunk's logits exist at a time: the head's output in
+  the compute dtype, log-softmax's fp32 output and the fp32 gradients (`_LOGIT_FP32_BYTES`).
+* autocast copies: under bf16/fp16 autocast every fp32 weight a matmul reads (LoRA A and B, a
+  trained `lm_head`) is cast once per forward and the copy is kept for the backward.
+* dequantization workspace: a 4-bit projection is dequantized to the compute dtype for its
+  matmul (forward and backward), one at a time: the largest projection's size.
+* DPO (`method="dpo"`): a micro-batch of `batch_size` preference pairs is `2 * batch_size`
+  sequences (chosen and rejected), so activations and logits count twice the tokens. The
+  reference policy is the same 4-bit base with the adapter disabled (PEFT's
+  `disable_adapter()`), run under `no_grad` before the policy's forward: no second model,
+  no saved activations, so `reference_model_bytes` is 0 and the peak is the policy's.
 
 A GPU class holds the run when the total fits in its capacity minus 1 GiB for the CUDA context
 and kernels' workspaces, minus 10% for allocator fragmentation.
@@ -44,7 +56,23 @@ DQ_BLOCK_SIZE = 256  # blocks per second-level constant with double quantization
 OPTIMIZER_8BIT_BLOCK = 256
 OPTIMIZER_MIN_8BIT_SIZE = 4096
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DPO_REFERENCE = (
+    "the same base with the adapter disabled (no second model in memory); its log-probs are "
+    "computed under no_grad, so it adds no activations"
+)
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Logits per chunk of the engine's cross-entropy (worker/training/losses.py uses this value).
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+# Bytes per logit of one chunk at its peak in the backward, besides the compute-dtype head
+# output: log-softmax's saved fp32 output and the fp32 gradients of the cross-entropy and of
+# the logits, which overlap only in part (measured on the CPU: 2.2-2.5 fp32 copies).
+_LOGIT_FP32_BYTES = 9
+
+
+def compute_bytes(compute_dtype: str) -> int:
+    """Bytes per element of the autocast dtype. "auto" is bf16 (or fp16 on GPUs without
+    bf16): 2 bytes on every GPU the classes describe."""
+    return 2 if compute_dtype == "auto" else _DTYPE_BYTES[compute_dtype]
 
 
 @dataclass(frozen=True)
@@ -132,6 +160,23 @@ class MemoryEstimate:
     logits_bytes: int
     total_bytes: int
     gpu_class: str | None
+    method: str = "supervised"
+    reference_model_bytes: int = 0  # DPO's reference is the base with the adapter disabled
+    reference_policy: str | None = None
+    autocast_copy_bytes: int = 0  # compute-dtype copies of fp32 weights under autocast
+    workspace_bytes: int = 0  # one projection dequantized for its matmul
+    logits_chunk_tokens: int = 0  # tokens per chunk of the chunked cross-entropy
+    compute_bytes: int = 2  # bytes per element of the compute dtype assumed
+
+    def transient_bytes(self) -> int:
+        """What exists only during a step: activations, one logits chunk, autocast copies,
+        dequantization workspace."""
+        return (
+            self.activation_bytes
+            + self.logits_bytes
+            + self.autocast_copy_bytes
+            + self.workspace_bytes
+        )
 
     def static_bytes(self) -> int:
         """Everything but activations and logits: what stays allocated between steps."""
@@ -147,7 +192,7 @@ class MemoryEstimate:
 def quantized_bits_per_param(quant_type: str, double_quant: bool, compute_dtype: str) -> float:
     """Stored bits per projection weight, constants included."""
     if quant_type == "none":
-        return 8.0 * _DTYPE_BYTES[compute_dtype]
+        return 8.0 * compute_bytes(compute_dtype)
     if double_quant:
         return 4 + 8 / BLOCK_SIZE + 32 / (BLOCK_SIZE * DQ_BLOCK_SIZE)
     return 4 + 32 / BLOCK_SIZE
@@ -208,53 +253,99 @@ def optimizer_state_bytes(tensor_sizes: list[int], optimizer: str) -> int:
     return total
 
 
-def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
-    """Bytes autograd saves per token in one decoder layer (sdpa attention, no s*s scores).
+def _lora_input_bytes(shape: ModelShape, spec: TrainSpec, device: str) -> int:
+    """Per token and layer: what the LoRA branches save of their inputs.
 
-    fp32 inputs of both RMSNorms (prepare_model_for_kbit_training keeps norms in fp32), and in
-    the compute dtype: the normed inputs of attention and MLP, q, k (after RoPE), v, the
-    attention output, the o_proj input, gate, up, silu(gate) and their product. Each
-    LoRA-adapted projection adds its fp32 dropped input plus a 1-byte dropout mask and the
-    r-wide fp32 output of A.
+    PEFT casts a LoRA branch's input to its fp32 weights' dtype, then dropout keeps its mask
+    (a bool per element on CUDA; on the CPU a float noise tensor of the fp32 input) and A
+    keeps the dropped input: in fp32, or under autocast its compute-dtype copy (one per
+    branch). In fp32 without dropout A keeps its input itself, which q/k/v share (and gate/up),
+    and o_proj's is the attention output already counted.
     """
-    d = _DTYPE_BYTES[spec.compute_dtype]
+    d = compute_bytes(spec.compute_dtype)
+    shapes = shape.projection_shapes()
+    targets = lora_targets(shape, spec.target_modules)
+    fan_in = sum(shapes[name][0] for name in targets)
+    if spec.dropout > 0:
+        mask = 1 if device == "cuda" else 4
+        return (mask + d) * fan_in
+    if d != 4:
+        return d * fan_in
+    h, i = shape.hidden_size, shape.intermediate_size
+    shared = h * any(n in targets for n in ("q_proj", "k_proj", "v_proj"))
+    shared += h * any(n in targets for n in ("gate_proj", "up_proj"))
+    return 4 * (shared + i * ("down_proj" in targets))
+
+
+def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec, device: str = "cuda") -> int:
+    """Bytes autograd saves per token in one decoder layer under autocast (sdpa / flash
+    attention: no s*s scores), as measured tensor by tensor on the engine's path.
+
+    Each RMSNorm keeps an fp32 copy of its input (and its rsqrt); its fp32 weight is frozen, so
+    the normalised product is not kept, nor are the inputs of the frozen base projections.
+    In the compute dtype: q, k (after RoPE), v, the attention output (plus fp32 log-sum-exp
+    per head), gate, up and silu(gate). LoRA: A's r-wide output, and its input (see
+    `_lora_input_bytes`).
+    """
+    d = compute_bytes(spec.compute_dtype)
     h, i = shape.hidden_size, shape.intermediate_size
     q = shape.num_attention_heads * shape.head_dim
     kv = shape.num_key_value_heads * shape.head_dim
-    base = 2 * 4 * h + d * (2 * h + q + 2 * kv + q + q + 4 * i)
-    lora = 0
-    shapes = shape.projection_shapes()
-    for name in lora_targets(shape, spec.target_modules):
-        fan_in = shapes[name][0]
-        lora += 4 * spec.rank
-        if spec.dropout > 0:
-            lora += 4 * fan_in + fan_in
-    return base + lora
+    norms = 2 * (4 * h + 4)
+    attention = d * (q + 2 * kv + q) + 4 * shape.num_attention_heads
+    mlp = 3 * d * i
+    lora = d * spec.rank * len(lora_targets(shape, spec.target_modules))
+    return norms + attention + mlp + lora + _lora_input_bytes(shape, spec, device)
 
 
-def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> MemoryEstimate:
-    """Estimate the peak GPU memory of training `spec` on the model described by `config`."""
+def _layer_backward_bytes(shape: ModelShape, spec: TrainSpec) -> int:
+    """Per token: the gradients alive while one recomputed decoder layer runs its backward,
+    besides its activations: the residual stream's gradient in and out (the layer's inner
+    gradients replace activations it frees as it goes)."""
+    return 2 * compute_bytes(spec.compute_dtype) * shape.hidden_size
+
+
+def estimate_memory(
+    config: Mapping[str, Any] | ModelShape, spec: TrainSpec, *, device: str = "cuda"
+) -> MemoryEstimate:
+    """Estimate the peak memory of training `spec` on the model described by `config`.
+
+    `device` "cuda" (the default: GPU classes) or "cpu" changes only what kernels keep (the
+    dropout mask is a bool on CUDA, a float tensor on the CPU). "auto" compute dtype counts as
+    2 bytes (what it resolves to on a GPU); give the CPU's resolved dtype explicitly.
+    """
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    d = compute_bytes(spec.compute_dtype)
     bits = quantized_bits_per_param(spec.quant_type, spec.double_quant, spec.compute_dtype)
     quantized = math.ceil(shape.projection_params() * bits / 8)
-    unquant_bytes = 4 if spec.quant_type != "none" else _DTYPE_BYTES[spec.compute_dtype]
-    unquantized = unquant_bytes * (
-        shape.embedding_params() + shape.head_params() + shape.norm_params()
-    )
+    unquantized = d * (shape.embedding_params() + shape.head_params()) + 4 * shape.norm_params()
     sizes = lora_tensor_sizes(shape, spec)
     trainable = sum(sizes)
-    tokens = spec.batch_size * spec.max_seq_length
-    per_layer = _layer_activation_bytes(shape, spec)
+    sequences = spec.batch_size * (2 if spec.method == "dpo" else 1)  # DPO: chosen + rejected
+    tokens = sequences * spec.max_seq_length
+    h, layers = shape.hidden_size, shape.num_hidden_layers
+    per_layer = _layer_activation_bytes(shape, spec, device)
     if spec.gradient_checkpointing:
-        per_token = 4 * shape.hidden_size * shape.num_hidden_layers + per_layer
+        per_token = d * h * layers + per_layer + _layer_backward_bytes(shape, spec)
     else:
-        per_token = per_layer * shape.num_hidden_layers
-    per_token += (4 + _DTYPE_BYTES[spec.compute_dtype]) * shape.hidden_size  # final norm
+        per_token = per_layer * layers
+    per_token += 2 * d * shape.head_dim  # RoPE cos and sin, shared by the layers
+    per_token += 4 * h + 4  # the final norm's fp32 input copy and rsqrt
+    per_token += 4 * h + 8  # its fp32 output at the target positions (the loss's input), index
     activations = tokens * per_token
-    logits = tokens * shape.vocab_size * 4 * 2
+    chunk = max(1, min(tokens, LOGITS_CHUNK_ELEMENTS // shape.vocab_size))
+    extra = 0 if d == 4 else d  # the head's output before the fp32 upcast
+    logits = chunk * shape.vocab_size * (_LOGIT_FP32_BYTES + extra)
+    autocast_copies = 0
+    if d != 4:
+        saved_head = sum(m.rsplit(".", 1)[-1] == "lm_head" for m in spec.modules_to_save)
+        autocast_copies = d * (lora_param_count(shape, spec) + saved_head * shape.head_params())
+    workspace = 0
+    if spec.quant_type != "none":
+        workspace = d * max(a * b for a, b in shape.projection_shapes().values())
     parts = [quantized, unquantized, 4 * trainable, 4 * trainable]
     optimizer = optimizer_state_bytes(sizes, spec.optimizer)
-    total = sum(parts) + optimizer + activations + logits
+    total = sum(parts) + optimizer + activations + logits + autocast_copies + workspace
     return MemoryEstimate(
         quantized_weights_bytes=quantized,
         unquantized_weights_bytes=unquantized,
@@ -267,6 +358,12 @@ def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> 
         logits_bytes=logits,
         total_bytes=total,
         gpu_class=smallest_gpu_class(total),
+        method=spec.method,
+        reference_policy=DPO_REFERENCE if spec.method == "dpo" else None,
+        autocast_copy_bytes=autocast_copies,
+        workspace_bytes=workspace,
+        logits_chunk_tokens=chunk,
+        compute_bytes=d,
     )
 
 

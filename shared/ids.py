@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 
@@ -14,6 +15,9 @@ _PREFIXES = {
     "job": "ftjob",
     "checkpoint": "ftckpt",
     "adapter": "ftadapter",
+    "webhook": "wh",
+    "webhook_delivery": "msg",
+    "merge": "merge",
 }
 ID_PATTERN = re.compile(r"^[a-z]+-[a-z2-7]{24}$")
 
@@ -24,3 +28,12 @@ def new_id(kind: str) -> str:
 
 def is_valid_id(value: str, kind: str) -> bool:
     return bool(ID_PATTERN.match(value)) and value.startswith(_PREFIXES[kind] + "-")
+
+
+def derived_id(kind: str, *parts: str) -> str:
+    """A well-formed id of `kind` computed from `parts` (the same parts, the same id): for
+    objects a retried step must find again, like the adapter an attempt uploads."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    bits = int.from_bytes(digest[:15], "big")  # 120 bits, 24 base-32 characters
+    chars = [_ALPHABET[(bits >> (5 * i)) & 31] for i in range(24)]
+    return f"{_PREFIXES[kind]}-" + "".join(reversed(chars))

@@ -6,18 +6,22 @@ checked against `KEY_PATTERN` on every call so that no path can leave its tenant
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import hmac
+import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import quote, unquote, urlencode, urlparse
 
 import boto3
@@ -25,6 +29,8 @@ from botocore.config import Config
 
 from shared.config import Settings
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 KEY_PATTERN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./")
 MAX_PRESIGN_SECONDS = 900
 PART_SIZE = 8 * 1024 * 1024  # S3 multipart part size (min 5 MiB except the last part)
@@ -37,6 +43,85 @@ class StorageError(RuntimeError):
 
 class ObjectNotFound(StorageError):
     """No object under that key."""
+
+
+class StoreUnavailable(StorageError):
+    """A transient store fault that outlasted the client's own retries: a connection refused,
+    reset or timed out, a 5xx / SlowDown, or an upload whose stored size does not match what
+    was sent. Callers retry it with backoff (`shared.jobs.faults`)."""
+
+
+TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}
+)
+
+
+def is_transient_s3_error(exc: BaseException) -> bool:
+    from botocore.exceptions import (
+        ClientError,
+        HTTPClientError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(
+        exc,
+        BotoConnectionError
+        | ReadTimeoutError
+        | HTTPClientError
+        | ResponseStreamingError
+        | IncompleteReadError  # a body that ended before its Content-Length
+        | ConnectionError
+        | TimeoutError,
+    ):
+        return True
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or error.get("Code") in TRANSIENT_S3_CODES
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+    except ImportError:  # pragma: no cover - botocore depends on urllib3
+        return False
+    return isinstance(exc, Urllib3Error)
+
+
+# OSErrors of a folder store that say "the disk or its mount is in trouble right now", not
+# "this request is wrong": a network mount timing out or gone stale, an I/O error, a full disk.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.EINTR,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.ENOLCK,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+    }
+)
+
+
+@contextlib.contextmanager
+def folder_faults(what: str) -> Iterator[None]:
+    """Turn a folder store's transient OSError into `StoreUnavailable`; others pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            name = errno.errorcode.get(exc.errno or 0, "OSError")
+            raise StoreUnavailable(f"{what}: {name}") from exc
+        raise
 
 
 def check_key(key: str) -> str:
@@ -61,6 +146,11 @@ def file_key(tenant_id: str, file_id: str) -> str:
     return check_key(f"files/{tenant_id}/{file_id}.jsonl")
 
 
+def results_key(tenant_id: str, file_id: str) -> str:
+    """A job's results CSV: a File of the tenant's like an upload, under the same prefix."""
+    return check_key(f"files/{tenant_id}/{file_id}.csv")
+
+
 def checkpoint_prefix(tenant_id: str, job_id: str, step: int) -> str:
     return check_prefix(f"checkpoints/{tenant_id}/{job_id}/step-{int(step)}")
 
@@ -70,7 +160,12 @@ def adapter_prefix(tenant_id: str, adapter_id: str) -> str:
 
 
 class ObjectWriter(ABC):
-    """A streaming upload: `write` chunks, then `commit` (object appears) or `abort` (nothing)."""
+    """A streaming upload: `write` chunks, then `commit` or `abort` (nothing appears).
+
+    `commit` returns only once the object is stored and verified (its stored size is what was
+    written); when it raises, it has aborted the upload itself, so a caller never holds a
+    half-finished upload. A verification mismatch raises `StoreUnavailable`: upload again.
+    """
 
     @abstractmethod
     def write(self, data: bytes) -> None: ...
@@ -99,7 +194,11 @@ class ObjectStore(ABC):
     def delete(self, key: str) -> None: ...
 
     @abstractmethod
-    def list_keys(self, prefix: str) -> list[str]: ...
+    def list_sizes(self, prefix: str) -> dict[str, int]:
+        """Every complete object under `prefix` with its size in bytes."""
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return sorted(self.list_sizes(prefix))
 
     @abstractmethod
     def presigned_get(self, key: str, expires: int = MAX_PRESIGN_SECONDS) -> str: ...
@@ -119,13 +218,34 @@ class ObjectStore(ABC):
         except BaseException:
             writer.abort()
             raise
-        writer.commit()
+        writer.commit()  # verified; aborts itself when it fails
         return total
 
     def put_bytes(self, key: str, data: bytes) -> None:
         writer = self.open_writer(key)
-        writer.write(data)
-        writer.commit()
+        try:
+            writer.write(data)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()  # verified; aborts itself when it fails
+
+    def verify_size(self, key: str, expected: int) -> None:
+        """After an upload completed: the store holds exactly what was sent (a HEAD).
+
+        A mismatch is left in place (a retry overwrites it; the key is recorded nowhere until
+        an upload verifies) rather than deleted, which could race a concurrent writer."""
+        try:
+            stored = self.size(key)
+        except ObjectNotFound:
+            stored = -1
+        if stored != expected:
+            raise StoreUnavailable(f"upload of {key} not verified: {stored} of {expected} bytes")
+
+    def abort_stale_uploads(self, older_than: timedelta) -> int:
+        """Remove unfinished uploads (S3 multipart, the folder's temporary files) that a killed
+        process left behind; returns how many."""
+        return 0
 
     def put_file(self, key: str, path: Path) -> int:
         with path.open("rb") as fh:
@@ -141,6 +261,44 @@ class ObjectStore(ABC):
             for chunk in self.iter_chunks(key):
                 fh.write(chunk)
         tmp.replace(path)
+
+    def sync_dir(
+        self,
+        prefix: str,
+        folder: Path,
+        *,
+        delete_strays: bool = True,
+        on_landed: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Make `prefix` hold `folder`'s files, sending only those it lacks; returns the keys.
+
+        Meant to be retried: every object lands whole and verified or not at all, so after a
+        failure part way a retry lists what arrived and sends the rest. Under a flaky store each
+        try makes progress instead of starting over. A file whose stored size differs is sent
+        again; with `delete_strays`, objects under the prefix that the folder lacks are deleted.
+        Sizes are compared, not contents: a prefix is written by one writer (checkpoints are
+        attempt-scoped, adapters have fresh ids), so a same-sized object is the same upload.
+        `on_landed(key)` is called as each object lands (the retry budget's progress)."""
+        prefix = check_prefix(prefix)
+        wanted = {
+            prefix + path.relative_to(folder).as_posix(): path
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        }
+        present = self.list_sizes(prefix)
+        if delete_strays:
+            for key in sorted(set(present) - set(wanted)):
+                self.delete(key)
+        todo = [(k, p) for k, p in wanted.items() if present.get(k) != p.stat().st_size]
+
+        def send(key: str, path: Path) -> None:
+            self.put_file(key, path)
+            if on_landed is not None:
+                on_landed(key)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda item: send(*item), todo))
+        return list(wanted)
 
     def upload_dir(self, prefix: str, folder: Path) -> list[str]:
         """Upload every file under `folder` below `prefix` (a few at a time); returns the keys."""
@@ -182,26 +340,39 @@ def verify_signature(secret: str, key: str, expires_at: int, signature: str) -> 
 
 
 class _FolderWriter(ObjectWriter):
-    def __init__(self, target: Path) -> None:
+    def __init__(self, key: str, target: Path, verify: Callable[[str, int], None]) -> None:
+        self._key = key
         self._target = target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-", suffix=".part")
+        self._verify = verify
+        self._written = 0
+        with folder_faults(f"open {key}"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-", suffix=".part")
         self._tmp = Path(tmp)
         self._fh = os.fdopen(fd, "wb")
 
     def write(self, data: bytes) -> None:
-        self._fh.write(data)
+        with folder_faults(f"write {self._key}"):
+            self._fh.write(data)
+        self._written += len(data)
 
     def commit(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._tmp.replace(self._target)
+        try:
+            with folder_faults(f"commit {self._key}"):
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                self._tmp.replace(self._target)
+        except BaseException:
+            self.abort()
+            raise
+        self._verify(self._key, self._written)
 
     def abort(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-        self._tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # best effort: abort_stale_uploads takes leftovers
+            if not self._fh.closed:
+                self._fh.close()
+            self._tmp.unlink(missing_ok=True)
 
 
 class FolderStore(ObjectStore):
@@ -220,39 +391,48 @@ class FolderStore(ObjectStore):
         return path
 
     def open_writer(self, key: str) -> ObjectWriter:
-        return _FolderWriter(self._path(key))
+        return _FolderWriter(key, self._path(key), self.verify_size)
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         path = self._path(key)
         try:
-            fh = path.open("rb")
+            with folder_faults(f"read {key}"):
+                fh = path.open("rb")
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
         with fh:
-            while chunk := fh.read(chunk_size):
+            while True:
+                with folder_faults(f"read {key}"):
+                    chunk = fh.read(chunk_size)
+                if not chunk:
+                    return
                 yield chunk
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with folder_faults(f"stat {key}"):
+            return self._path(key).is_file()
 
     def size(self, key: str) -> int:
         try:
-            return self._path(key).stat().st_size
+            with folder_faults(f"stat {key}"):
+                return self._path(key).stat().st_size
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with folder_faults(f"delete {key}"):
+            self._path(key).unlink(missing_ok=True)
 
-    def list_keys(self, prefix: str) -> list[str]:
+    def list_sizes(self, prefix: str) -> dict[str, int]:
         base = self.root / check_prefix(prefix)
-        if not base.is_dir():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".upload-")
-        )
+        with folder_faults(f"list {prefix}"):
+            if not base.is_dir():
+                return {}
+            return {
+                p.relative_to(self.root).as_posix(): p.stat().st_size
+                for p in sorted(base.rglob("*"))
+                if p.is_file() and not p.name.startswith(".upload-")
+            }
 
     def presigned_get(self, key: str, expires: int = MAX_PRESIGN_SECONDS) -> str:
         if not 0 < expires <= MAX_PRESIGN_SECONDS:
@@ -268,13 +448,26 @@ class FolderStore(ObjectStore):
 
     def check(self) -> None:
         probe = self.root / f".ready-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with folder_faults("readiness probe"):
+            probe.write_bytes(b"")
+            probe.unlink()
 
     def delete_prefix(self, prefix: str) -> int:
         count = super().delete_prefix(prefix)
         shutil.rmtree(self.root / check_prefix(prefix), ignore_errors=True)
         return count
+
+    def abort_stale_uploads(self, older_than: timedelta) -> int:
+        cutoff = time.time() - older_than.total_seconds()
+        removed = 0
+        for path in self.root.rglob(".upload-*.part"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
 
 # --------------------------------------------------------------------------- S3
@@ -283,15 +476,20 @@ class FolderStore(ObjectStore):
 class _S3Writer(ObjectWriter):
     """Buffers up to one part, then switches to a multipart upload; small objects use one PUT."""
 
-    def __init__(self, client: Any, bucket: str, key: str) -> None:
+    def __init__(
+        self, client: _GuardedClient, bucket: str, key: str, verify: Callable[[str, int], None]
+    ) -> None:
         self._client = client
         self._bucket = bucket
         self._key = key
+        self._verify = verify
+        self._written = 0
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
 
     def write(self, data: bytes) -> None:
+        self._written += len(data)
         self._buffer += data
         while len(self._buffer) >= PART_SIZE:
             with memoryview(self._buffer) as view:
@@ -314,26 +512,72 @@ class _S3Writer(ObjectWriter):
         self._parts.append({"ETag": resp["ETag"], "PartNumber": number})
 
     def commit(self) -> None:
-        if self._upload_id is None:
-            self._client.put_object(Bucket=self._bucket, Key=self._key, Body=bytes(self._buffer))
-            return
+        try:
+            if self._upload_id is None:
+                body = bytes(self._buffer)
+                self._client.put_object(Bucket=self._bucket, Key=self._key, Body=body)
+            else:
+                self._complete()
+        except BaseException:
+            self.abort()
+            raise
+        self._verify(self._key, self._written)
+
+    def _complete(self) -> None:
         if self._buffer:
             self._flush_part(bytes(self._buffer))
             self._buffer.clear()
-        self._client.complete_multipart_upload(
-            Bucket=self._bucket,
-            Key=self._key,
-            UploadId=self._upload_id,
-            MultipartUpload={"Parts": self._parts},
-        )
+        try:
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        except self._client.exceptions.NoSuchUpload:
+            # boto retried a completion whose answer was lost on the way back: the first try
+            # completed it. Verification tells a completed object from a vanished upload.
+            log.warning("completion of %s retried after it succeeded", self._key)
+        self._upload_id = None  # completed: nothing left to abort
 
     def abort(self) -> None:
         self._buffer.clear()
         if self._upload_id is not None:
-            self._client.abort_multipart_upload(
-                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
-            )
-            self._upload_id = None
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, UploadId=upload_id
+                )
+            except Exception as exc:  # best effort, called while another error propagates
+                # The store is down: the sweeper's abort_stale_uploads takes it later.
+                log.warning("abort of %s left for the sweeper: %s", self._key, type(exc).__name__)
+
+
+class _GuardedClient:
+    """A boto3 S3 client whose calls raise `StoreUnavailable` for transient faults."""
+
+    def __init__(self, client: Any) -> None:
+        self.raw = client
+        self.exceptions = client.exceptions
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.raw, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return guarded(name, lambda: method(*args, **kwargs))
+
+        return call
+
+
+def guarded(what: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except StorageError:
+        raise
+    except Exception as exc:
+        if is_transient_s3_error(exc):
+            raise StoreUnavailable(f"{what}: {type(exc).__name__}") from exc
+        raise
 
 
 class S3Store(ObjectStore):
@@ -345,6 +589,9 @@ class S3Store(ObjectStore):
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         region: str = "us-east-1",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_attempts: int = 4,
     ) -> None:
         self.bucket = bucket
         # MinIO, R2 and older S3-compatible stores reject the CRC checksums that recent boto3
@@ -354,9 +601,18 @@ class S3Store(ObjectStore):
             s3={"addressing_style": "path"},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            retries={"max_attempts": 3, "mode": "standard"},
+            # A stalled store is noticed in seconds, not after the default minute; boto's own
+            # retries (resets, 5xx, throttling) come first, then StoreUnavailable.
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # total_max_attempts counts the first try; botocore's max_attempts would not.
+            # Legacy mode, not standard: standard keeps a per-client retry quota that a long
+            # outage drains (about 50 connection errors), after which the client never retries
+            # again until hundreds of calls succeed; a long-lived worker then fails every later
+            # blip on its first try. The budget that matters is ours (shared.jobs.faults).
+            retries={"total_max_attempts": max_attempts, "mode": "legacy"},
         )
-        self.client = boto3.client(
+        raw = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
             aws_access_key_id=access_key_id,
@@ -364,9 +620,10 @@ class S3Store(ObjectStore):
             region_name=region,
             config=config,
         )
+        self.client = _GuardedClient(raw)
 
     def open_writer(self, key: str) -> ObjectWriter:
-        return _S3Writer(self.client, self.bucket, check_key(key))
+        return _S3Writer(self.client, self.bucket, check_key(key), self.verify_size)
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         try:
@@ -374,8 +631,13 @@ class S3Store(ObjectStore):
         except self.client.exceptions.NoSuchKey as exc:
             raise ObjectNotFound(key) from exc
         body = resp["Body"]
+        chunks = body.iter_chunks(chunk_size)
         try:
-            yield from body.iter_chunks(chunk_size)
+            while True:
+                chunk = guarded(f"read {key}", lambda: next(chunks, None))
+                if chunk is None:
+                    return
+                yield chunk
         finally:
             body.close()
 
@@ -398,12 +660,32 @@ class S3Store(ObjectStore):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=check_key(key))
 
-    def list_keys(self, prefix: str) -> list[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        keys: list[str] = []
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=check_prefix(prefix)):
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        return sorted(keys)
+    def list_sizes(self, prefix: str) -> dict[str, int]:
+        def pages() -> dict[str, int]:
+            paginator = self.client.raw.get_paginator("list_objects_v2")
+            sizes: dict[str, int] = {}
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=check_prefix(prefix)):
+                sizes.update((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", []))
+            return dict(sorted(sizes.items()))
+
+        return guarded(f"list {prefix}", pages)
+
+    def abort_stale_uploads(self, older_than: timedelta) -> int:
+        cutoff = datetime.now(UTC) - older_than
+
+        def stale() -> list[tuple[str, str]]:
+            paginator = self.client.raw.get_paginator("list_multipart_uploads")
+            found = []
+            for page in paginator.paginate(Bucket=self.bucket):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < cutoff:
+                        found.append((upload["Key"], upload["UploadId"]))
+            return found
+
+        uploads = guarded("list multipart uploads", stale)
+        for key, upload_id in uploads:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        return len(uploads)
 
     def presigned_get(self, key: str, expires: int = MAX_PRESIGN_SECONDS) -> str:
         if not 0 < expires <= MAX_PRESIGN_SECONDS:
@@ -441,5 +723,8 @@ def make_store(settings: Settings, *, signing_secret: str | None = None) -> Obje
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,
             region=settings.s3_region,
+            connect_timeout=settings.s3_connect_timeout_seconds,
+            read_timeout=settings.s3_read_timeout_seconds,
+            max_attempts=settings.s3_max_attempts,
         )
     raise StorageError(f"unsupported STORAGE_URL scheme {parsed.scheme!r}")

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 LrScheduler = Literal["cosine", "linear", "constant"]
 QuantType = Literal["nf4", "fp4", "none"]
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
+ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
+TrainMethod = Literal["supervised", "dpo"]
 
 ALL_LINEAR: Final = "all-linear"
 # A module name as PEFT matches it: dotted identifiers, e.g. "q_proj" or "mlp.down_proj".
@@ -93,8 +94,12 @@ class TrainSpec(BaseModel):
         "Defaults to false when quant_type is none.",
     )
     compute_dtype: ComputeDtype = Field(
-        default="bfloat16",
-        description="Dtype of the matmuls (and of the base weights when quant_type is none).",
+        default="auto",
+        description="Autocast dtype of the forward pass (and of the base weights when "
+        "quant_type is none; of embeddings and output head unless in modules_to_save). "
+        "auto: bfloat16 on a GPU that supports it (else float16, with loss scaling), "
+        "bfloat16 on a CPU measured to have fast bf16 matmuls, else float32. LoRA weights, "
+        "norms and the loss stay float32 whatever this says.",
     )
     rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r.")
     alpha: float = Field(
@@ -136,6 +141,18 @@ class TrainSpec(BaseModel):
         le=0.5,
         description="Share of the rows held out for evaluation when no validation file is "
         "given (0: no evaluation).",
+    )
+
+    method: TrainMethod = Field(
+        default="supervised",
+        description="supervised: next-token loss on chat/prompt rows. dpo: Direct Preference "
+        "Optimization on preference rows, against the base with the adapter disabled.",
+    )
+    dpo_beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description="DPO's beta: how far the policy may move from the reference (dpo only).",
     )
 
     @model_validator(mode="before")

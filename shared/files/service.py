@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from shared.errors import BadRequest, NotFound
 from shared.files.validation import JsonlValidator
+from shared.jobs import retention
 from shared.models import File
 from shared.pagination import newest_first
 
@@ -16,7 +17,7 @@ PURPOSES = frozenset({"fine-tune"})
 MAX_FILENAME_CHARS = 255
 
 
-def check_filename(filename: str | None) -> str:
+def check_filename(filename: str | None, *, max_chars: int = MAX_FILENAME_CHARS) -> str:
     """A display name only (keys come from ids), but a hostile one is refused outright.
 
     Clients percent-encode awkward bytes in multipart filenames (RFC 7578), so the check runs
@@ -26,9 +27,14 @@ def check_filename(filename: str | None) -> str:
         filename = unquote(filename)
     if not filename:
         raise BadRequest("the file part has no filename", param="file", code="invalid_filename")
+    if len(filename) > max_chars:
+        raise BadRequest(
+            f"filename is longer than {max_chars} characters",
+            param="file",
+            code="filename_too_long",
+        )
     if (
-        len(filename) > MAX_FILENAME_CHARS
-        or any(ord(c) < 32 or ord(c) == 127 for c in filename)
+        any(ord(c) < 32 or ord(c) == 127 for c in filename)
         or "/" in filename
         or "\\" in filename
         or filename in (".", "..")
@@ -98,7 +104,10 @@ def list_files(
 
 
 def delete_file(session: Session, *, tenant_id: str, file_id: str) -> File:
+    """Drop the record and schedule its object's deletion in the same transaction (deleted
+    after the commit, retried by the sweeper while the store refuses)."""
     row = get_file(session, tenant_id=tenant_id, file_id=file_id)
+    retention.schedule_object_deletion(session, row.storage_key)
     session.delete(row)
     session.flush()
     return row

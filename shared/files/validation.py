@@ -7,11 +7,16 @@ validated in constant memory while it streams to the object store.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.dataset_format import DatasetFormat, RowError, detect_row_format, row_char_count
+from shared.dataset_format import (
+    DatasetFormat,
+    RowError,
+    detect_row_format,
+    parse_row,
+    row_char_count,
+)
 
 MAX_REPORTED_ERRORS = 20
 
@@ -93,10 +98,9 @@ class JsonlValidator:
         if not text.strip():
             return  # blank lines are allowed and ignored
         try:
-            row = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-            self._error(line_no, f"not valid JSON: {reason}")
+            row = parse_row(text)
+        except RowError as exc:
+            self._error(line_no, exc.reason)
             return
         try:
             fmt = detect_row_format(row)

@@ -1,28 +1,27 @@
-"""Leases: which worker holds a running job, and the sweeper that recovers lost ones.
+"""The sweeper's side of leases: recover jobs whose worker stopped renewing.
 
-The broker is a wake-up call; the database decides. A worker claims a job with one conditional
-UPDATE and keeps it by renewing the lease from its progress hook. A worker that dies stops
-renewing; the sweeper then requeues the job (or fails it once its attempts are spent).
+The broker is a wake-up call; the database decides. A worker claims a job and keeps it by
+renewing its lease from a heartbeat thread (`shared.jobs.runs`). A worker that dies or freezes
+stops renewing; the sweeper then requeues the job (or fails it once its attempts are spent).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.orm import Session
 
-from shared.events import record_event
-from shared.jobs.states import JobStatus, check_transition, set_status
-from shared.models import IdempotencyKey, Job, OutboxMessage, Tenant, utcnow
+from shared.jobs import outbox, runs
+from shared.jobs.states import JobStatus, set_status
+from shared.models import IdempotencyKey, Job, OutboxMessage, utcnow
 
 log = logging.getLogger(__name__)
-OUTBOX_GRACE = timedelta(seconds=5)  # leave fresh rows to the publisher that wrote them
 REPUBLISH_QUEUED_AFTER = timedelta(minutes=10)
+IDLE_REPUBLISH_AFTER = timedelta(seconds=30)
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -30,127 +29,6 @@ def aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
-
-
-@dataclass(frozen=True)
-class LeaseState:
-    held: bool
-    cancel_requested: bool
-
-
-def claim_job(session: Session, *, job_id: str, owner: str, lease_seconds: float) -> Job | None:
-    """Take `job_id` if it is queued (or running on an expired lease), attempts remain, and
-    the tenant is under its running-jobs limit. Returns the job, or None if another worker
-    has it, it is finished or cancelled, or it must wait its turn."""
-    check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
-    check_transition(JobStatus.RUNNING, JobStatus.RUNNING)
-    now = utcnow()
-    previous = session.scalar(select(Job.status).where(Job.id == job_id))
-    other = aliased(Job)
-    running_elsewhere = (
-        select(func.count())
-        .select_from(other)
-        .where(other.tenant_id == Job.tenant_id, other.status == "running", other.id != Job.id)
-        .scalar_subquery()
-    )
-    tenant_limit = (
-        select(Tenant.max_running_jobs).where(Tenant.id == Job.tenant_id).scalar_subquery()
-    )
-    stmt = (
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.cancel_requested.is_(False),
-            Job.attempt < Job.max_attempts,
-            or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now)),
-            running_elsewhere < tenant_limit,
-        )
-        .values(
-            status=JobStatus.RUNNING.value,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempt=Job.attempt + 1,
-            started_at=func.coalesce(Job.started_at, now),
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if session.execute(stmt).rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    job = session.get(Job, job_id)
-    assert job is not None
-    session.refresh(job)
-    record_event(
-        session,
-        job,
-        f"Worker {owner} started attempt {job.attempt} of {job.max_attempts}",
-        data={"status": "running", "from": previous, "attempt": job.attempt, "worker": owner},
-    )
-    return job
-
-
-def is_waiting_turn(session: Session, *, job_id: str) -> bool:
-    """After a lost claim: is the job still claimable later (held back by the tenant's limit)?"""
-    job = session.get(Job, job_id)
-    return (
-        job is not None
-        and job.status == "queued"
-        and not job.cancel_requested
-        and job.attempt < job.max_attempts
-    )
-
-
-def renew_lease(
-    session: Session, *, job_id: str, owner: str, lease_seconds: float, progress: dict[str, Any]
-) -> LeaseState:
-    """Extend the lease and write progress in one UPDATE; tells whether we still hold it."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now, **progress)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return LeaseState(held=False, cancel_requested=False)
-    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-    return LeaseState(held=True, cancel_requested=bool(cancel))
-
-
-def _owned(owner: str) -> Any:
-    return Job.lease_owner == owner
-
-
-def finish(
-    session: Session,
-    job: Job,
-    *,
-    owner: str,
-    target: JobStatus,
-    message: str,
-    level: str = "info",
-    **fields: Any,
-) -> bool:
-    """Move a job this worker holds to a final state (or back to queued on release)."""
-    values = dict(fields)
-    if target is JobStatus.QUEUED:
-        # A graceful release (preemption) is not the job's failure: it gets its attempt back
-        # as an extra one, so `attempt` still counts claims and crashes stay bounded.
-        values.update(lease_owner=None, lease_expires_at=None, max_attempts=job.max_attempts + 1)
-    moved = set_status(
-        session,
-        job,
-        target,
-        message=message,
-        expect=JobStatus.RUNNING,
-        extra_where=_owned(owner),
-        level=level,
-        **values,
-    )
-    if moved and target is JobStatus.QUEUED:
-        session.add(OutboxMessage(job_id=job.id, queue=job.gpu_class))
-        session.flush()
-    return moved
 
 
 @dataclass
@@ -196,7 +74,7 @@ def sweep_leases(session: Session) -> tuple[list[str], list[str], list[str]]:
                 lease_owner=None,
                 lease_expires_at=None,
             ):
-                session.add(OutboxMessage(job_id=job.id, queue=job.gpu_class))
+                outbox.enqueue(session, job)
                 requeued.append(job.id)
         elif set_status(
             session,
@@ -209,13 +87,20 @@ def sweep_leases(session: Session) -> tuple[list[str], list[str], list[str]]:
             error_message=f"{lost} on each of {job.max_attempts} attempts",
         ):
             failed.append(job.id)
+    for job in expired:
+        outbox.wake_waiting(session, tenant_id=job.tenant_id)
+        if job.id in failed or job.id in cancelled:
+            runs.forget_unrecorded_adapters(session, job)
     session.flush()
     return requeued, failed, cancelled
 
 
-def republish_stale_queued(session: Session) -> list[str]:
-    """A queued job whose last message is old may have lost it (broker restart): resend."""
-    cutoff = utcnow() - REPUBLISH_QUEUED_AFTER
+def republish_stale_queued(session: Session, *, idle_queues: Collection[str] = ()) -> list[str]:
+    """A queued job whose last message is old may have lost it (a broker restart, a worker
+    killed while holding a prefetched delivery): resend. Old means `REPUBLISH_QUEUED_AFTER`,
+    or only `IDLE_REPUBLISH_AFTER` when a live worker serving the job's queue sits idle, which
+    a job still waiting for its message contradicts. A duplicate is harmless: the claim decides."""
+    now = utcnow()
     last_sent = (
         select(func.max(OutboxMessage.sent_at))
         .where(OutboxMessage.job_id == Job.id)
@@ -227,53 +112,21 @@ def republish_stale_queued(session: Session) -> list[str]:
         .where(OutboxMessage.job_id == Job.id, OutboxMessage.sent_at.is_(None))
         .scalar_subquery()
     )
-    stale = session.scalars(
-        select(Job).where(
-            Job.status == "queued", Job.updated_at < cutoff, last_sent < cutoff, pending == 0
+
+    def older_than(age: timedelta) -> ColumnElement[bool]:
+        return and_(Job.updated_at < now - age, last_sent < now - age)
+
+    old = older_than(REPUBLISH_QUEUED_AFTER)
+    if idle_queues:
+        old = or_(
+            old, and_(Job.gpu_class.in_(sorted(idle_queues)), older_than(IDLE_REPUBLISH_AFTER))
         )
-    ).all()
+    stale = session.scalars(select(Job).where(Job.status == "queued", pending == 0, old)).all()
     for job in stale:
-        session.add(OutboxMessage(job_id=job.id, queue=job.gpu_class))
-        job.updated_at = utcnow()
+        outbox.enqueue(session, job)
+        job.updated_at = now
     session.flush()
     return [job.id for job in stale]
-
-
-def unsent_outbox(session: Session, *, min_age: timedelta = OUTBOX_GRACE) -> list[OutboxMessage]:
-    cutoff = utcnow() - min_age
-    return list(
-        session.scalars(
-            select(OutboxMessage)
-            .where(OutboxMessage.sent_at.is_(None), OutboxMessage.created_at <= cutoff)
-            .order_by(OutboxMessage.id)
-            .limit(500)
-        )
-    )
-
-
-def publish_outbox(
-    session: Session, rows: list[OutboxMessage], publish: Callable[[str, str], None]
-) -> list[int]:
-    """Send each row's message; a failure leaves the row for the next sweep."""
-    sent: list[int] = []
-    for row in rows:
-        row.attempts += 1
-        try:
-            publish(row.job_id, row.queue)
-        except Exception as exc:
-            log.warning(
-                "could not publish job %s to %s: %s: %s",
-                row.job_id,
-                row.queue,
-                type(exc).__name__,
-                exc,
-            )
-            session.flush()
-            break  # the broker is down: stop trying until the next sweep
-        row.sent_at = utcnow()
-        sent.append(row.id)
-    session.flush()
-    return sent
 
 
 def expire_idempotency_keys(session: Session) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, BigIntPK, utcnow
@@ -38,6 +38,12 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # Asked while running: the worker checkpoints at its next step and moves the job to paused.
+    pause_requested: Mapped[bool] = mapped_column(default=False)
+    # File ids of what the run produced for the tenant (the results CSV), OpenAI's result_files.
+    result_files: Mapped[list[Any] | None] = mapped_column(default=None)
+    # Experiment tracking the job asked for (OpenAI's `integrations`: W&B, and MLflow).
+    integrations: Mapped[list[Any] | None] = mapped_column(default=None)
     # Progress, written by the worker's hooks.
     step: Mapped[int] = mapped_column(default=0)
     total_steps: Mapped[int | None] = mapped_column(default=None)
@@ -80,6 +86,8 @@ class Checkpoint(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     tenant_id: Mapped[str] = mapped_column(String(40))
     step: Mapped[int]
+    # The claim that wrote it; objects live under that attempt's own prefix.
+    attempt: Mapped[int] = mapped_column(default=0)
     metrics: Mapped[dict[str, Any]]
     storage_prefix: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -116,7 +124,10 @@ class IdempotencyKey(Base):
 
 
 class OutboxMessage(Base):
-    """A Celery message to publish after commit; the sweeper republishes unsent ones."""
+    """A Celery message to publish after commit; the sweeper republishes unsent ones.
+
+    `available_at` defers a message (a job waiting for its tenant's running slot, or backing
+    off after a transient fault): the relay sends it no earlier than that."""
 
     __tablename__ = "outbox"
 
@@ -124,5 +135,36 @@ class OutboxMessage(Base):
     job_id: Mapped[str] = mapped_column(String(40), index=True)
     queue: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    available_at: Mapped[datetime | None] = mapped_column(default=None)
     sent_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     attempts: Mapped[int] = mapped_column(default=0)
+
+
+class ObjectDeletion(Base):
+    """A store prefix to delete, written in the same transaction that dropped its record.
+
+    Deleting objects is post-commit work: it is tried right after the commit and retried by
+    the sweeper until it succeeds, so a store outage never turns a committed delete into a 5xx
+    or leaves objects behind for good."""
+
+    __tablename__ = "object_deletions"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    prefix: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(default=0)
+
+
+class Worker(Base):
+    """A worker process announcing itself: what it consumes, what it can hold, when last seen."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the lease owner name
+    hostname: Mapped[str] = mapped_column(String(200))
+    queues: Mapped[list[Any]]
+    device: Mapped[str] = mapped_column(String(64))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    current_job_id: Mapped[str | None] = mapped_column(String(40), default=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -145,3 +146,21 @@ def get_model_by_name(session: Session, *, name: str) -> RegisteredModel:
     if row is None:
         raise NotFound(f"no base model named {name!r}", param="model", code="model_not_found")
     return row
+
+
+def ensure_model(session: Session, *, name: str, source: str) -> RegisteredModel:
+    """The model registered as `name`, registering `source` under that name when absent."""
+    row = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+    return row if row is not None else register_model(session, name=name, source=source)
+
+
+def tenant_slug(tenant: Tenant) -> str:
+    """The organization segment of fine-tuned model names (`ft:{base}:{slug}:{suffix}:{id}`):
+    the tenant's name in lower case, runs of other characters as one '-', at most 32."""
+    slug = re.sub(r"[^a-z0-9]+", "-", tenant.name.lower()).strip("-")[:32].strip("-")
+    return slug or tenant.id
+
+
+def fine_tuned_name(*, base: str, slug: str, suffix: str | None, adapter_id: str) -> str:
+    """OpenAI's shape: `ft:{base}:{organization}:{suffix}:{id}`, the suffix empty if none."""
+    return f"ft:{base}:{slug}:{suffix or ''}:{adapter_id}"
