@@ -4,7 +4,17 @@ No queue, database or object store here; the Celery task and the CLI both wrap `
 """
 
 from worker.training.checkpoint import CheckpointError
-from worker.training.hooks import StopRequest, TrainHooks, TrainResult
+from worker.training.data import DataError
+from worker.training.hooks import SpecError, StepMetrics, StopRequest, TrainHooks, TrainResult
 from worker.training.loop import train
 
-__all__ = ["CheckpointError", "StopRequest", "TrainHooks", "TrainResult", "train"]
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "SpecError",
+    "StepMetrics",
+    "StopRequest",
+    "TrainHooks",
+    "TrainResult",
+    "train",
+]

@@ -1,5 +1,8 @@
 """`python -m worker.training --spec spec.json --data train.jsonl --out DIR`: one run, no queue.
 
+`python -m worker.training merge --base DIR --adapter DIR --out DIR [--dtype bf16|fp16]
+[--rows FILE]`: merge a run's adapter into its base (see `worker.training.merge`).
+
 Ctrl-C (or SIGTERM) once asks for a preemption: the current step finishes, a checkpoint is
 written and its path printed, to be passed back with `--resume`. A second Ctrl-C cancels.
 """
@@ -18,7 +21,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from shared.train_spec import TrainSpec
-from worker.training import CheckpointError, StopRequest, TrainHooks, train
+from worker.training import CheckpointError, StepMetrics, StopRequest, TrainHooks, train
 
 
 class ConsoleHooks(TrainHooks):
@@ -28,19 +31,19 @@ class ConsoleHooks(TrainHooks):
         self.bar: tqdm[None] | None = None
         self.stop: StopRequest | None = None
 
-    def on_progress(
-        self,
-        step: int,
-        total_steps: int,
-        loss: float,
-        lr: float,
-        grad_norm: float,
-        tokens_per_s: float,
-        eta_s: float,
-    ) -> None:
+    def on_progress(self, metrics: StepMetrics) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=total_steps, initial=step - 1, unit="step", dynamic_ncols=True)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            self.bar = tqdm(
+                total=metrics.total_steps,
+                initial=metrics.step - 1,
+                unit="step",
+                dynamic_ncols=True,
+            )
+        self.bar.set_postfix(
+            loss=f"{metrics.loss:.4f}",
+            lr=f"{metrics.lr:.2e}",
+            tok_s=f"{metrics.tokens_per_second:.0f}",
+        )
         self.bar.update(1)
 
     def on_eval(self, step: int, eval_loss: float, perplexity: float) -> None:
@@ -74,7 +77,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+MERGE_DTYPE_NAMES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+}
+
+
+def merge_main(argv: list[str]) -> int:
+    """The `merge` subcommand: base + adapter -> a 16-bit model folder with parity.json."""
+    from worker.training.merge import (
+        MergeError,
+        merge_adapter_folder,
+        parity_rows,
+        read_adapter_spec,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.training merge",
+        description="Merge a LoRA adapter into its (dequantized) 4-bit base; save safetensors.",
+    )
+    parser.add_argument("--base", type=Path, required=True, help="base model folder")
+    parser.add_argument("--adapter", type=Path, required=True, help="a run's output folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write")
+    parser.add_argument("--dtype", choices=sorted(MERGE_DTYPE_NAMES), default="bf16")
+    parser.add_argument("--rows", type=Path, help="JSONL rows for the parity report (last 8)")
+    args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()
+    try:
+        spec = read_adapter_spec(args.adapter)
+        rows, source = parity_rows(spec, rows_path=args.rows)
+        result = merge_adapter_folder(
+            args.base,
+            args.adapter,
+            args.out,
+            dtype=MERGE_DTYPE_NAMES[args.dtype],
+            rows=rows,
+            rows_source=source,
+        )
+    except (MergeError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"output_dir": str(result.output_dir), **result.parity.to_json()}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     args = parse_args(argv)
     try:
         spec = TrainSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.train_spec import RESUME_MUTABLE_FIELDS, TrainSpec
+from worker.training.hooks import SpecError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -221,6 +223,27 @@ def read_checkpoint(path: Path) -> Checkpoint:
         )
     except (ValueError, KeyError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({exc})") from exc
+
+
+def load_adapter_weights(model: PeftModel, path: Path) -> None:
+    """Start a run from trained LoRA weights: an `adapter_model.safetensors` as a finished
+    run's PEFT folder or a checkpoint holds it. Its tensors must be exactly the ones this
+    spec's LoRA has (same targets, rank, modules_to_save), else SpecError."""
+    try:
+        tensors = load_file(Path(path))
+    except (OSError, SafetensorError) as exc:
+        raise SpecError("the initial adapter's weights cannot be read") from exc
+    expected = set(get_peft_model_state_dict(model))
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise SpecError(
+            "the initial adapter does not fit this LoRA configuration "
+            f"(unexpected tensors {extra[:3]}, missing {missing[:3]})"
+        )
+    try:
+        set_peft_model_state_dict(model, tensors)
+    except RuntimeError as exc:  # a shape mismatch (another rank)
+        raise SpecError("the initial adapter's tensor shapes do not fit this LoRA rank") from exc
 
 
 def check_resumable(checkpoint: Checkpoint, spec: TrainSpec, dataset_sha256: str) -> None:

@@ -2,11 +2,14 @@
 
 * Rows are read with `shared.dataset_format.detect_row_format`, the upload validator's rules;
   a file must hold one format.
-* `chat` rows are rendered with the tokenizer's chat template; only assistant turns (content
-  and the end-of-turn tokens the template adds) are trained. `prompt`/`completion` rows are
-  the tokenized prompt (with the tokenizer's BOS) followed by the completion and EOS; only the
-  completion and EOS are trained. Alpaca rows use the Alpaca prompt and train on `output`.
-  `text` rows train on every token.
+* `chat` rows (tools, tool calls and results, content parts, weights) are rendered with the
+  base model's chat template, which decides the trained tokens (`worker.training.chat`):
+  assistant turns with weight 1, their end-of-turn token included. `prompt`/`completion`
+  rows are `prompt + completion` tokenized together (with the tokenizer's BOS) and EOS; only
+  the completion and EOS are trained. Alpaca rows use the Alpaca prompt and train on
+  `output`. `text` rows train on every token.
+* A row the template cannot render is reported with its line, all such rows at once, when
+  the rows are tokenized: before the base model loads and before any step.
 * Every sequence is cut to `max_seq_length` tokens; truncated rows are counted, rows left with
   no trained token are dropped and counted.
 * The data order of an epoch is a pure function of `(seed, epoch)`, so a resumed run replays it.
@@ -14,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -24,7 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
-from shared.dataset_format import DatasetFormat, RowError, detect_row_format
+from shared.dataset_format import DatasetFormat, RowError, detect_row_format, parse_row
+from worker.training.chat import RenderError, chat_sequences, completion_sequence
 
 IGNORE_INDEX = -100
 ALPACA_PROMPT = (
@@ -34,6 +37,10 @@ ALPACA_PROMPT = (
 )
 # Length-grouped batching sorts windows of this many batches by length.
 LENGTH_GROUP_BATCHES = 64
+# Unrenderable rows: how many reasons, and line numbers per reason, an error message lists
+# (a tenant sees about 500 characters of it).
+REPORTED_REASONS = 3
+REPORTED_LINES = 8
 
 
 class Tokenizer(Protocol):
@@ -43,13 +50,23 @@ class Tokenizer(Protocol):
     eos_token_id: int | None
     pad_token_id: int | None
 
-    def __call__(self, text: str, *, add_special_tokens: bool = ...) -> Any: ...
+    def __call__(self, text: str, **kwargs: Any) -> Any: ...
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def get_chat_template(self, chat_template: str | None = ..., tools: Any = ...) -> str: ...
 
 
 class DataError(ValueError):
     """A dataset file the engine cannot train on; the message names the line."""
+
+
+class Row(dict[str, Any]):
+    """A row as read from a file, remembering where it was, so that a problem found later
+    (the chat template cannot render it) names the line."""
+
+    source: str = ""
+    line: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,25 +117,26 @@ class Batch:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL file of one row format; raises DataError naming the bad line."""
+    """Read a JSONL file of one row format; raises DataError naming the bad line. The rows
+    are `Row`s: they remember their file and line."""
     rows: list[dict[str, Any]] = []
     first: DatasetFormat | None = None
     with Path(path).open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
+            try:  # the same rules as the upload check: strict JSON, then one row format
+                row = parse_row(line)
                 fmt = detect_row_format(row)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
             except RowError as exc:
                 raise DataError(f"{path}:{number}: {exc.reason}") from exc
             if first is None:
                 first = fmt
             elif fmt is not first:
                 raise DataError(f"{path}:{number}: {fmt.value} row in a {first.value} file")
-            rows.append(row)
+            located = Row(row)
+            located.source, located.line = str(path), number
+            rows.append(located)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -132,39 +150,19 @@ def _eos(tokenizer: Tokenizer) -> list[int]:
     return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
-def _render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> Example:
-    """Render a chat; assistant turns are the template's growth from prompt to full turn."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-
-    def render(upto: int, generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(
-            messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-        )
-        return _ids(tokenizer, str(text), special=False)
-
-    ids = render(len(messages), False)
-    trained = [False] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start, end = len(render(i, True)), len(render(i + 1, False))
-        if render(i + 1, False) != ids[:end]:
-            raise DataError("the chat template does not render conversations prefix by prefix")
-        trained[start:end] = [True] * (end - start)
-    return Example(ids, trained)
-
-
-def tokenize_row(row: dict[str, Any], tokenizer: Tokenizer) -> Example:
-    """Tokens and trained-mask of one valid row (not yet truncated)."""
+def row_examples(row: dict[str, Any], tokenizer: Tokenizer) -> list[Example]:
+    """Tokens and trained-mask of one valid row (not yet truncated): one example, or for a
+    chat whose template rewrites earlier turns, one per such turn. Raises `RenderError` when
+    the chat template cannot render the row."""
     fmt = detect_row_format(row)
     if fmt is DatasetFormat.CHAT:
-        return _render_chat(tokenizer, row["messages"])
+        return [Example(ids, trained) for ids, trained in chat_sequences(tokenizer, row)]
     if fmt is DatasetFormat.TEXT:
         ids = _ids(tokenizer, row["text"], special=True) + _eos(tokenizer)
-        return Example(ids, [True] * len(ids))
+        return [Example(ids, [True] * len(ids))]
     if fmt is DatasetFormat.COMPLETION:
         prompt, completion = row["prompt"], row["completion"]
-    else:
+    elif fmt is DatasetFormat.ALPACA:
         extra = row.get("input") or ""
         prompt = ALPACA_PROMPT.format(
             with_input=", paired with an input that provides further context" if extra else "",
@@ -172,26 +170,68 @@ def tokenize_row(row: dict[str, Any], tokenizer: Tokenizer) -> Example:
             input_block=f"### Input:\n{extra}\n\n" if extra else "",
         )
         completion = row["output"]
-    head = _ids(tokenizer, prompt, special=True)
-    tail = _ids(tokenizer, completion, special=False) + _eos(tokenizer)
-    return Example(head + tail, [False] * len(head) + [True] * len(tail))
+    else:
+        raise DataError(f"{fmt.value} rows are not supervised training rows")
+    return [Example(*completion_sequence(tokenizer, prompt, completion))]
+
+
+def tokenize_row(row: dict[str, Any], tokenizer: Tokenizer) -> Example:
+    """The one example of a row that renders as one sequence (see `row_examples`)."""
+    examples = row_examples(row, tokenizer)
+    if len(examples) != 1:
+        raise ValueError(f"the row renders as {len(examples)} sequences; use row_examples")
+    return examples[0]
+
+
+def _unrenderable(problems: dict[str, list[tuple[str, int]]]) -> DataError:
+    """One error for every row the template cannot render: lines grouped by reason."""
+    count = sum(len(places) for places in problems.values())
+    parts = []
+    for reason, places in list(problems.items())[:REPORTED_REASONS]:
+        by_source: dict[str, list[int]] = {}
+        for source, line in places:
+            by_source.setdefault(source, []).append(line)
+        wheres = []
+        for source, lines in by_source.items():
+            shown = ", ".join(str(n) for n in lines[:REPORTED_LINES])
+            more = f" (+{len(lines) - REPORTED_LINES} more)" if len(lines) > REPORTED_LINES else ""
+            noun = "line" if len(lines) == 1 else "lines"
+            wheres.append(f"{source}: {noun} {shown}{more}" if source else f"{noun} {shown}{more}")
+        parts.append(f"{'; '.join(wheres)}: {reason}")
+    others = sum(len(places) for places in list(problems.values())[REPORTED_REASONS:])
+    if others:
+        parts.append(f"{others} more row(s) for other reasons")
+    return DataError(f"{count} row(s) cannot be rendered: " + "; ".join(parts))
 
 
 def tokenize_rows(
     rows: Sequence[dict[str, Any]], tokenizer: Tokenizer, max_seq_length: int
 ) -> TokenizedSplit:
-    """Tokenize and truncate; rows without any trained token left are dropped."""
+    """Tokenize and truncate; examples without any trained token left are dropped. Rows the
+    chat template cannot render are all reported in one `DataError`, by line (a row read by
+    `read_rows` knows its file and line; others are numbered from 1)."""
     examples: list[Example] = []
     truncated = dropped = 0
-    for row in rows:
-        example = tokenize_row(row, tokenizer)
-        if len(example) > max_seq_length:
-            truncated += 1
-            example = Example(example.input_ids[:max_seq_length], example.trained[:max_seq_length])
-        if example.target_count() == 0:
-            dropped += 1
+    problems: dict[str, list[tuple[str, int]]] = {}
+    for index, row in enumerate(rows):
+        try:
+            row_parts = row_examples(row, tokenizer)
+        except RenderError as exc:
+            place = (row.source, row.line) if isinstance(row, Row) else ("", index + 1)
+            problems.setdefault(exc.reason, []).append(place)
             continue
-        examples.append(example)
+        for example in row_parts:
+            if len(example) > max_seq_length:
+                truncated += 1
+                example = Example(
+                    example.input_ids[:max_seq_length], example.trained[:max_seq_length]
+                )
+            if example.target_count() == 0:
+                dropped += 1
+                continue
+            examples.append(example)
+    if problems:
+        raise _unrenderable(problems)
     return TokenizedSplit(examples, truncated, dropped)
 
 

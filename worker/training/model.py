@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
+import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from torch.nn import functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -20,17 +26,94 @@ from transformers import (
 )
 
 from shared.train_spec import ALL_LINEAR, TrainSpec
-from worker.training.attention import PACKED_ATTENTION
+from worker.training.attention import PACKED_ATTENTION, check_packing_supported
 from worker.training.data import IGNORE_INDEX, Batch
+from worker.training.hooks import SpecError
+from worker.training.losses import LossSum, chunk_tokens, chunked_cross_entropy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# TRAIN_CPU_BF16=1 / 0 fixes what "auto" means on a CPU instead of measuring it.
+CPU_BF16_ENV = "TRAIN_CPU_BF16"
 
 
 def training_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def quantization_config(spec: TrainSpec) -> BitsAndBytesConfig | None:
+def _matmul_seconds(dtype: torch.dtype, n: int = 512, repeats: int = 5) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)  # warm-up: kernel selection, packing buffers
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices faster than fp32 ones, measured (a 512^3
+    matmul each way, best of 5, about 10 ms). AMX or AVX512-BF16 make bf16 several times
+    faster; without them torch converts to fp32 and bf16 is slower. `TRAIN_CPU_BF16=1`/`0`
+    decides instead of the probe."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    return _matmul_seconds(torch.bfloat16) < _matmul_seconds(torch.float32)
+
+
+def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of a run: `requested` ("auto" or a dtype name) on `device`.
+
+    auto: bf16 on a GPU that supports it, else fp16 (with loss scaling); on a CPU bf16 when
+    it measures faster than fp32, else fp32. An explicit dtype the device cannot run is a
+    SpecError naming compute_dtype.
+    """
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return torch.bfloat16 if bf16 else torch.float16
+        if requested == "bfloat16" and not bf16:
+            raise SpecError(
+                "compute_dtype: this GPU has no bfloat16 support; use float16, float32 or auto"
+            )
+        return DTYPES[requested]
+    if requested == "auto":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return DTYPES[requested]
+
+
+# fp16 loss scaling: torch's defaults (start at 2**16, double after 2000 clean steps).
+FP16_INIT_SCALE = 2.0**16
+FP16_GROWTH_INTERVAL = 2000
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (whose range is too narrow for small gradients); a disabled,
+    pass-through scaler for bf16 and fp32, which have fp32's range."""
+    return torch.amp.GradScaler(
+        device.type,
+        init_scale=FP16_INIT_SCALE,
+        growth_interval=FP16_GROWTH_INTERVAL,
+        enabled=dtype == torch.float16,
+    )
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Mixed precision for a forward pass: autocast to `dtype`, nothing for fp32."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        yield
+
+
+def quantization_config(spec: TrainSpec, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """QLoRA's storage: 4-bit NF4/FP4 blocks of 64, optional double quantization."""
     if spec.quant_type == "none":
         return None
@@ -38,7 +121,7 @@ def quantization_config(spec: TrainSpec) -> BitsAndBytesConfig | None:
         load_in_4bit=True,
         bnb_4bit_quant_type=spec.quant_type,
         bnb_4bit_use_double_quant=spec.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[spec.compute_dtype],
+        bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=torch.uint8,
     )
 
@@ -50,18 +133,34 @@ def load_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
-def load_base_model(spec: TrainSpec, path: Path, device: torch.device) -> PreTrainedModel:
+def load_base_model(
+    spec: TrainSpec, path: Path, device: torch.device, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """The frozen base, quantized per `spec`, from safetensors only, never remote code.
 
     bitsandbytes 0.50 repacks a Linear4bit's weight in place, into an inference-only layout,
     the first time it runs under no_grad in eval mode on an AVX512-BF16 CPU; training after
     an evaluation would then use a kernel with no backward. That repacking is switched off.
+
+    Unquantized weights load in the compute dtype `dtype` (default: the spec's, resolved for
+    `device`); `attach_lora` then puts norms back in fp32.
+
+    Packed runs use `packed_examples` (exact per example, sliding windows and soft-capping
+    included); a family whose packed rows cannot be exact raises SpecError first.
     """
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if spec.packing:
+        check_packing_supported(config, spec.max_seq_length)
+        attention = PACKED_ATTENTION
+    else:  # padded rows: sdpa, or eager where sdpa cannot soft-cap the scores (Gemma-2)
+        softcap = getattr(config.get_text_config(), "attn_logit_softcapping", None)
+        attention = "eager" if softcap else "sdpa"
+    dtype = dtype or resolve_compute_dtype(spec.compute_dtype, device)
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         path,
-        attn_implementation=PACKED_ATTENTION if spec.packing else "sdpa",
-        quantization_config=quantization_config(spec),
-        dtype=DTYPES[spec.compute_dtype],
+        attn_implementation=attention,
+        quantization_config=quantization_config(spec, dtype),
+        dtype=dtype,
         device_map={"": device},
         use_safetensors=True,
         trust_remote_code=False,
@@ -72,6 +171,47 @@ def load_base_model(spec: TrainSpec, path: Path, device: torch.device) -> PreTra
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+            module.register_forward_pre_hook(_autocast_input)
+    return model
+
+
+def _autocast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """bitsandbytes' Linear4bit returns its input's dtype: an fp32 input (a norm's output)
+    would give an fp32 q/k/v under autocast. Under autocast the input is cast first, so the
+    4-bit projections compute and return the autocast dtype like every other matmul."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return None if x.dtype == dtype else (x.to(dtype), *args[1:])
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm | nn.RMSNorm) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+def prepare_for_training(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
+    """The base frozen, in the precision layout of mixed-precision QLoRA: norms in fp32 (their
+    statistics need the range), embeddings and output head stay in the compute dtype they were
+    loaded in (PEFT's trainable copies of `modules_to_save` are made fp32 by `attach_lora`),
+    4-bit weights as they are; activation checkpointing as the spec says.
+
+    This replaces peft's `prepare_model_for_kbit_training`, which upcasts every unquantized
+    weight (embeddings and head included) to fp32.
+    """
+    for param in model.parameters():
+        param.requires_grad = False
+    for module in model.modules():
+        if _is_norm(module):
+            module.float()
+    if spec.gradient_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     return model
 
 
@@ -94,35 +234,21 @@ def check_module_names(model: nn.Module, spec: TrainSpec) -> None:
         missing = [k for k in spec.target_modules if not any(_matches(n, k) for n in linears)]
         if missing:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise ValueError(
+            raise SpecError(
                 f"target_modules: {', '.join(missing)} not found in the base model "
                 f"(its linear layers: {', '.join(leaves)})"
             )
     names = [n for n, _ in model.named_modules()]
     missing = [k for k in spec.modules_to_save if not any(_matches(n, k) for n in names)]
     if missing:
-        raise ValueError(f"modules_to_save: {', '.join(missing)} not found in the base model")
+        raise SpecError(f"modules_to_save: {', '.join(missing)} not found in the base model")
 
 
 def attach_lora(model: PreTrainedModel, spec: TrainSpec) -> PeftModel:
-    """prepare_model_for_kbit_training (fp32 norms, input grads, checkpointing) + LoRA."""
+    """`prepare_for_training` (frozen base, fp32 norms, checkpointing) + LoRA, whose weights
+    (and the trainable copies of `modules_to_save`) are fp32 master weights."""
     check_module_names(model, spec)
-    checkpointing_kwargs = {"use_reentrant": False}
-    if spec.quant_type != "none":
-        with warnings.catch_warnings():  # peft calls transformers' renamed checkpointing API
-            warnings.simplefilter("ignore", FutureWarning)
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=spec.gradient_checkpointing,
-                gradient_checkpointing_kwargs=checkpointing_kwargs,
-            )
-    else:
-        for param in model.parameters():
-            param.requires_grad = False
-        if spec.gradient_checkpointing:
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=checkpointing_kwargs
-            )
+    model = prepare_for_training(model, spec)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,  # type: ignore[arg-type]  # annotated int, used as a float
@@ -139,6 +265,9 @@ def attach_lora(model: PreTrainedModel, spec: TrainSpec) -> PeftModel:
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config)
     assert isinstance(peft_model, PeftModel)
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     return peft_model
 
 
@@ -198,39 +327,106 @@ def build_scheduler(
     return LambdaLR(optimizer, factor)
 
 
-def summed_loss(model: PeftModel, batch: Batch) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the batch's targets.
+class TokenBatch(Protocol):
+    """What the decoder reads of a batch (supervised `Batch` and DPO's `PairBatch` alike)."""
 
-    Runs the decoder, then the output head only at target positions: prompt and padding
-    positions never reach the (vocabulary-wide) head. Packed batches pass no attention mask
-    and no cache, which makes transformers attend within each example only.
-    """
+    @property
+    def input_ids(self) -> torch.Tensor: ...
+    @property
+    def position_ids(self) -> torch.Tensor: ...
+    @property
+    def attention_mask(self) -> torch.Tensor | None: ...
+    @property
+    def targets(self) -> torch.Tensor: ...
+
+
+def target_states(
+    model: PeftModel, batch: TokenBatch, dtype: torch.dtype
+) -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor]:
+    """The base model, the decoder's last hidden states at target positions (decoder under
+    autocast to `dtype`) and those targets: what the output head is applied to, in chunks."""
     base = cast(PreTrainedModel, model.get_base_model())
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    hidden = decoder(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-    ).last_hidden_state
     selected = batch.targets != IGNORE_INDEX
-    logits = head(hidden[selected]).float()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, batch.targets[selected], reduction="sum")
+    with autocast(batch.input_ids.device, dtype):
+        hidden = base.get_decoder()(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+        ).last_hidden_state
+    return base, hidden[selected], batch.targets[selected]
+
+
+def batch_loss(
+    model: PeftModel,
+    batch: Batch,
+    *,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+) -> LossSum:
+    """Summed next-token cross-entropy over the batch's targets, and the argmax hits.
+
+    Runs the decoder under autocast to `dtype`, then the output head only at target
+    positions, in chunks of tokens (`chunked_cross_entropy`): prompt and padding positions
+    never reach the (vocabulary-wide) head, and no `[targets, vocab]` fp32 logits exist at
+    once. Packed batches pass no attention mask and no cache, which makes transformers
+    attend within each example only.
+    """
+    base, hidden, targets = target_states(model, batch, dtype)
+    with autocast(batch.input_ids.device, dtype):
+        return chunked_cross_entropy(
+            hidden,
+            targets,
+            base.get_output_embeddings(),
+            softcap=getattr(base.config, "final_logit_softcapping", None),
+            chunk_size=chunk_size or chunk_tokens(int(base.config.get_text_config().vocab_size)),
+        )
+
+
+def summed_loss(
+    model: PeftModel, batch: Batch, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the batch's targets (see `batch_loss`)."""
+    return batch_loss(model, batch, dtype=dtype).loss
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # token-mean cross-entropy
+    mean_token_accuracy: float  # share of target tokens whose argmax is the label
+
+
+def evaluate(
+    model: PeftModel,
+    batches: list[Batch],
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> float | None:
+    """Token-mean cross-entropy over the validation targets (None without validation)."""
+    result = evaluate_batches(model, batches, device, dtype=dtype)
+    return None if result is None else result.loss
 
 
 @torch.no_grad()
-def evaluate(model: PeftModel, batches: list[Batch], device: torch.device) -> float | None:
-    """Token-mean cross-entropy over the validation targets (None without validation)."""
+def evaluate_batches(
+    model: PeftModel,
+    batches: list[Batch],
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> EvalResult | None:
+    """Token-mean cross-entropy and token accuracy over the validation targets (None
+    without validation)."""
     if not batches:
         return None
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, correct, count = 0.0, 0, 0
     for batch in batches:
-        total += float(summed_loss(model, batch.to(device)))
+        result = batch_loss(model, batch.to(device), dtype=dtype)
+        total += float(result.loss)
+        correct += int(result.correct)
         count += batch.target_tokens
     model.train(was_training)
-    return total / count
+    return EvalResult(loss=total / count, mean_token_accuracy=correct / count)

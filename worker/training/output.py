@@ -3,6 +3,7 @@ optional merge of an adapter into a 16-bit model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -21,8 +22,24 @@ SPEC = "train_spec.json"
 CARD = "README.md"
 
 
+def reset_peak_memory() -> None:
+    """Start the peak-memory counters from now: a worker runs many jobs in one process, and
+    each job reports its own peak. On Linux, writing 5 to /proc/self/clear_refs resets the
+    peak resident set size (VmHWM); CUDA has its own counter."""
+    # Not Linux, or not allowed: the figure stays the process's peak.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size since the last `reset_peak_memory` (VmHWM on Linux; elsewhere
+    the process's lifetime peak: ru_maxrss is KiB on Linux, bytes on macOS)."""
+    with contextlib.suppress(OSError):  # no /proc (macOS): fall back to getrusage
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
