@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by route and status, latency, upload bytes, jobs by status."""
+"""Prometheus metrics: requests by route and status, latency, upload bytes, jobs by status, and
+per GPU-class queue its depth, its oldest queued job's age and the live workers serving it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import workers
+from shared.config import Settings
 from shared.jobs.states import JobStatus
 from shared.models import Job, OutboxMessage
 
@@ -78,10 +81,43 @@ def job_gauges(sessions: sessionmaker[Session]) -> bytes:
     return generate_latest(registry)
 
 
+def queue_gauges(sessions: sessionmaker[Session], settings: Settings) -> bytes:
+    """Per queue (GPU class): queued jobs, seconds the longest-waiting one has waited since it
+    was last queued, live workers consuming it; from the database at scrape time."""
+    registry = CollectorRegistry()
+    depth = Gauge(
+        "qlora_queue_depth", "Queued jobs per GPU-class queue", ["queue"], registry=registry
+    )
+    oldest = Gauge(
+        "qlora_queue_oldest_age_seconds",
+        "How long the longest-waiting queued job has waited, per queue (0 when empty)",
+        ["queue"],
+        registry=registry,
+    )
+    live = Gauge(
+        "qlora_queue_live_workers",
+        "Live workers consuming each queue",
+        ["queue"],
+        registry=registry,
+    )
+    with sessions() as session:
+        stats = workers.queue_stats(session, settings)
+    for row in stats:
+        depth.labels(row.queue).set(row.depth)
+        oldest.labels(row.queue).set(row.oldest_queued_seconds)
+        live.labels(row.queue).set(row.live_workers)
+    return generate_latest(registry)
+
+
 def install_metrics(app: FastAPI) -> None:
     app.add_middleware(MetricsMiddleware)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:
-        body = generate_latest(REGISTRY) + job_gauges(request.app.state.sessions)
+        sessions = request.app.state.sessions
+        body = (
+            generate_latest(REGISTRY)
+            + job_gauges(sessions)
+            + queue_gauges(sessions, request.app.state.settings)
+        )
         return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,5 +1,6 @@
 """Prestart step shared by `make run` and the api container: wait for the database, migrate,
-and on the embedded default print how to reach the admin API."""
+and on the embedded default print how to reach the admin API. (The tiny local base model is
+built by `python -m worker.prestart`: building a model needs torch, which the API lacks.)"""
 
 from __future__ import annotations
 
@@ -59,34 +60,6 @@ def announce_admin_key(settings: Settings, port: int) -> None:
     )
 
 
-TINY_MODEL_NAME = "tiny-llama"
-
-
-def ensure_tiny_model(settings: Settings) -> None:
-    """Build the tiny local base model once and register it as `tiny-llama` (no network)."""
-    from sqlalchemy import select
-
-    from shared.db import session_scope
-    from shared.models import RegisteredModel
-    from shared.tenancy import service as tenancy
-
-    assert settings.models_dir is not None
-    folder = settings.models_dir.resolve() / TINY_MODEL_NAME
-    if not (folder / "config.json").is_file():
-        from worker.training.tiny import build_tiny_model
-
-        log.info("building the tiny base model in %s", folder)
-        build_tiny_model(folder)
-    with session_scope(settings) as session:
-        if session.scalar(select(RegisteredModel).where(RegisteredModel.name == TINY_MODEL_NAME)):
-            return
-        tenancy.register_model(
-            session,
-            name=TINY_MODEL_NAME,
-            source=str(folder),
-        )
-
-
 def main() -> None:
     import os
 
@@ -94,8 +67,6 @@ def main() -> None:
     settings = get_settings()
     wait_for_database(settings)
     migrate(settings)
-    if settings.register_tiny_model:
-        ensure_tiny_model(settings)
     announce_admin_key(settings, int(os.environ.get("PORT", "8000")))
 
 

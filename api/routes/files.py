@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -10,14 +12,16 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.metrics import UPLOAD_BYTES
-from api.upload import discard, receive_upload
-from shared.errors import BadRequest
+from api.upload import UploadLimits, discard, receive_upload
+from shared.errors import BadRequest, NotFound
 from shared.files import service
 from shared.files.schemas import FileDeleted, FileList, FileObject
 from shared.ids import new_id
-from shared.storage import file_key
+from shared.jobs import retention
+from shared.storage import ObjectNotFound, ObjectStore, StorageError, file_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+log = logging.getLogger("api.files")
 
 
 @router.post("", response_model=FileObject)
@@ -28,8 +32,13 @@ async def upload_file(
     key = file_key(tenant.id, file_id)
     upload = await receive_upload(
         request,
-        max_bytes=settings.max_upload_bytes,
-        max_line_bytes=settings.max_line_bytes,
+        limits=UploadLimits(
+            max_bytes=settings.max_upload_bytes,
+            max_line_bytes=settings.max_line_bytes,
+            max_fields=settings.max_multipart_fields,
+            max_field_bytes=settings.max_multipart_field_bytes,
+            max_filename_chars=settings.max_filename_chars,
+        ),
         open_writer=lambda: store.open_writer(key),
     )
     UPLOAD_BYTES.inc(upload.validator.bytes_seen)
@@ -63,8 +72,16 @@ async def upload_file(
         return await run_in_threadpool(record)
     except BaseException:
         await discard(upload)
-        await run_in_threadpool(store.delete, key)
+        await run_in_threadpool(_delete_quietly, store, key)
         raise
+
+
+def _delete_quietly(store: ObjectStore, key: str) -> None:
+    """Best effort: the record is what makes a file exist; an orphan object is only space."""
+    try:
+        store.delete(key)
+    except StorageError as exc:
+        log.warning("could not delete object %s (%s)", key, type(exc).__name__)
 
 
 @router.get("", response_model=FileList)
@@ -97,8 +114,15 @@ def get_file_content(
     file_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep
 ) -> StreamingResponse:
     row = service.get_file(session, tenant_id=tenant.id, file_id=file_id)
+    # Read the first chunk before answering: a store fault is then a 503, not a cut-off 200.
+    chunks = store.iter_chunks(row.storage_key)
+    try:
+        first = next(chunks, b"")
+    except ObjectNotFound:
+        log.error("file %s has a record but no object %s", row.id, row.storage_key)
+        raise NotFound(f"the content of file {file_id!r} is gone", param="file_id") from None
     return StreamingResponse(
-        store.iter_chunks(row.storage_key),
+        itertools.chain([first], chunks),
         media_type="application/jsonl",
         headers={"content-length": str(row.bytes)},
     )
@@ -106,9 +130,14 @@ def get_file_content(
 
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(
-    file_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep
+    request: Request, file_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep
 ) -> FileDeleted:
     row = service.delete_file(session, tenant_id=tenant.id, file_id=file_id)
-    session.commit()  # the record goes first: a dangling object is harmless, a dangling row is not
-    store.delete(row.storage_key)
+    session.commit()
+    # Committed: never a 5xx from here on. What the store refuses now stays scheduled in
+    # `object_deletions` and the sweeper deletes it later.
+    try:
+        retention.drain_deletions(request.app.state.sessions, store, limit=20)
+    except Exception as exc:
+        log.warning("file %s: object deletion deferred (%s)", row.id, type(exc).__name__)
     return FileDeleted(id=row.id)

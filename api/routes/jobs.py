@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from api.archive import stream_prefix_as_tar
 from api.deps import CurrentTenant, SessionDep, StoreDep
-from api.event_hub import EventHub, WatcherTooSlow
-from shared.jobs import idempotency, leases, service
+from api.event_hub import EventHub, StreamEnd, StreamInterrupted
+from api.event_stream import EventStreamResponse
+from shared.jobs import idempotency, outbox, retention, service
 from shared.jobs.schemas import (
     CheckpointList,
     CheckpointObject,
@@ -24,9 +25,11 @@ from shared.jobs.schemas import (
     JobCreate,
     JobList,
     JobObject,
+    MetadataFilter,
     MetricsSeries,
 )
-from shared.models import Job, OutboxMessage
+from shared.models import OutboxMessage
+from shared.tenancy.service import tenant_slug
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger("api.jobs")
@@ -38,7 +41,7 @@ def relay_outbox(request: Request, outbox_id: int) -> None:
     with sessions.begin() as session:
         row = session.get(OutboxMessage, outbox_id)
         if row is not None and row.sent_at is None:
-            sent = leases.publish_outbox(session, [row], request.app.state.publish_job)
+            sent = outbox.publish(session, [row], request.app.state.publish_job)
             if not sent:
                 log.warning("broker unavailable; job %s stays in the outbox", row.job_id)
 
@@ -61,7 +64,13 @@ def create_job(
             )
     try:
         with sessions.begin() as session:
-            job, outbox = service.create_job(session, tenant=tenant, body=body, idempotency_key=key)
+            job, outbox = service.create_job(
+                session,
+                tenant=tenant,
+                body=body,
+                idempotency_key=key,
+                settings=request.app.state.settings,
+            )
             obj = JobObject.of(job)
             if key is not None:
                 idempotency.complete(
@@ -76,18 +85,28 @@ def create_job(
         if key is not None:
             idempotency.abandon(sessions, tenant_id=tenant.id, key=key)
         raise
-    relay_outbox(request, outbox_id)
+    try:
+        relay_outbox(request, outbox_id)
+    except Exception:  # committed: the answer is the job; the sweeper relays the message
+        log.warning(
+            "relay after commit failed; the sweeper publishes job %s", obj.id, exc_info=True
+        )
     return obj
 
 
 @router.get("", response_model=JobList)
 def list_jobs(
+    request: Request,
     tenant: CurrentTenant,
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
-    rows, has_more = service.list_jobs(session, tenant_id=tenant.id, after=after, limit=limit)
+    """`metadata[key]=value` (any number, AND-ed) or `metadata=null` filter the list."""
+    metadata = MetadataFilter.from_query(request.query_params.multi_items())
+    rows, has_more = service.list_jobs(
+        session, tenant_id=tenant.id, after=after, limit=limit, metadata=metadata
+    )
     return JobList(data=[JobObject.of(r) for r in rows], has_more=has_more)
 
 
@@ -99,6 +118,46 @@ def get_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobObjec
 @router.post("/{job_id}/cancel", response_model=JobObject)
 def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobObject:
     return JobObject.of(service.cancel_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post("/{job_id}/pause", response_model=JobObject)
+def pause_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobObject:
+    return JobObject.of(service.pause_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobObject)
+def resume_job(request: Request, job_id: str, tenant: CurrentTenant, session: SessionDep) -> Any:
+    job, row = service.resume_job(session, tenant_id=tenant.id, job_id=job_id)
+    obj = JobObject.of(job)
+    session.commit()
+    if row is not None:
+        try:
+            relay_outbox(request, row.id)
+        except Exception:  # committed: the sweeper relays the message
+            log.warning("relay after resume failed; the sweeper publishes job %s", job.id)
+    return obj
+
+
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    deleted: bool = True
+
+
+@router.delete("/{job_id}", response_model=JobDeleted)
+def delete_job(
+    request: Request, job_id: str, tenant: CurrentTenant, session: SessionDep, store: StoreDep
+) -> JobDeleted:
+    """An extension (OpenAI has none): a finished job goes with its adapter and checkpoints."""
+    job = service.delete_job(session, tenant_id=tenant.id, job_id=job_id)
+    session.commit()
+    # Post-commit: the answer is the committed delete; the sweeper deletes what the store
+    # refuses now (the prefixes stay in `object_deletions`).
+    try:
+        retention.drain_deletions(request.app.state.sessions, store, limit=20)
+    except Exception as exc:
+        log.warning("job %s: object deletion deferred (%s)", job.id, type(exc).__name__)
+    return JobDeleted(id=job.id)
 
 
 @router.get("/{job_id}/events", response_model=EventList)
@@ -113,12 +172,11 @@ def list_events(
 ) -> Any:
     job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
-        start = service.parse_event_id(last_event_id) if last_event_id else 0
-        return StreamingResponse(
-            _event_stream(request, job.id, start),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        start = service.parse_event_id(last_event_id, param="Last-Event-ID") if last_event_id else 0
+        hub: EventHub = request.app.state.event_hub
+        limit = request.app.state.settings.max_streams_per_tenant
+        release = hub.streams.take(tenant.id, limit=limit)  # 429 `too_many_streams` above it
+        return EventStreamResponse(_event_stream(hub, job.id, start), release=release)
     rows, has_more = service.list_events(session, job=job, after=after, limit=limit)
     return EventList(data=[EventObject.of(r) for r in rows], has_more=has_more)
 
@@ -128,29 +186,23 @@ def _sse(row: Any) -> str:
     return f"id: {row.seq}\nevent: {row.type}\ndata: {obj.model_dump_json()}\n\n"
 
 
-async def _event_stream(request: Request, job_id: str, after: int) -> AsyncIterator[str]:
-    """Stored events after `after`, then live ones; ends after the job's final event.
+async def _event_stream(hub: EventHub, job_id: str, after: int) -> AsyncIterator[str]:
+    """Stored events after `after` (paged), then live ones; after the job's final event,
+    `event: done` with its status.
 
     The database is the record: reconnecting with Last-Event-ID resumes exactly after the
     last event the client saw. `api.event_hub` shares one reader among all watchers of a job.
     """
-    hub: EventHub = request.app.state.event_hub
     try:
-        async for row in hub.watch(job_id, after):
-            if await request.is_disconnected():
-                return
-            yield ": keepalive\n\n" if row is None else _sse(row)
-    except WatcherTooSlow:
+        async for item in hub.watch(job_id, after):
+            if item is None:
+                yield ": keepalive\n\n"
+            elif isinstance(item, StreamEnd):
+                yield f"event: done\ndata: {json.dumps({'status': item.status})}\n\n"
+            else:
+                yield _sse(item)
+    except StreamInterrupted:
         return  # no `done`: the client reconnects with Last-Event-ID and loses nothing
-    status = await run_in_threadpool(_job_status, request, job_id)
-    yield f"event: done\ndata: {json.dumps({'status': status})}\n\n"
-
-
-def _job_status(request: Request, job_id: str) -> str | None:
-    sessions: sessionmaker[Session] = request.app.state.sessions
-    with sessions() as session:
-        job = session.get(Job, job_id)
-        return job.status if job is not None else None
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
@@ -163,7 +215,8 @@ def list_checkpoints(
 ) -> CheckpointList:
     job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)
     rows, has_more = service.list_checkpoints(session, job=job, after=after, limit=limit)
-    data = [CheckpointObject.of(r, job) for r in rows]
+    slug = tenant_slug(tenant)
+    data = [CheckpointObject.of(r, job, slug=slug) for r in rows]
     return CheckpointList(
         data=data,
         has_more=has_more,

@@ -1,9 +1,11 @@
-"""Liveness, readiness, and the folder store's signed download URLs."""
+"""The dashboard and its static files, liveness, readiness, and the folder store's signed
+download URLs."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -14,15 +16,60 @@ from shared.errors import NotFound
 from shared.storage import FolderStore, ObjectNotFound, StorageError
 
 router = APIRouter(tags=["ops"])
+log = logging.getLogger("api.ops")
 
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "static" / "dashboard.html"
+STATIC = Path(__file__).resolve().parent.parent / "static"
+# The dashboard runs only its own files: no inline script or style, no other origin, no frames.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "font-src 'self'",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+    ]
+)
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",  # revalidated (ETag) so an upgrade shows at once
+}
+STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
 
 
 @router.get("/", include_in_schema=False)
 def dashboard() -> FileResponse:
-    """The live dashboard: a static page that calls this API with the tenant's key."""
-    return FileResponse(DASHBOARD, media_type="text/html")
+    """The dashboard (docs/dashboard.md): a static app that calls this API with the tenant's
+    key, which it keeps in session storage and sends as a Bearer header."""
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=DASHBOARD_HEADERS)
+
+
+@router.get("/static/{path:path}", include_in_schema=False)
+def static_file(path: str) -> FileResponse:
+    """The dashboard's scripts, styles and the vendored chart library (`make assets`)."""
+    target = (STATIC / path).resolve()
+    media_type = STATIC_TYPES.get(target.suffix)
+    if (
+        media_type is None
+        or not target.is_relative_to(STATIC)
+        or any(part.startswith(".") for part in Path(path).parts)
+        or not target.is_file()
+    ):
+        raise NotFound("no such dashboard file")
+    return FileResponse(target, media_type=media_type, headers=DASHBOARD_HEADERS)
 
 
 @router.get("/healthz")
@@ -39,28 +86,34 @@ def _check_broker(url: str) -> None:
 
 @router.get("/readyz")
 def readyz(request: Request, settings: SettingsDep, store: StoreDep) -> JSONResponse:
-    checks: dict[str, Any] = {}
+    """Each dependency by name, `ok` or `error`; `failing` lists the names that are not ok.
 
-    def run(name: str, fn: Any) -> None:
+    The answer is public, so it names no host, user, bucket or exception text: the reason
+    goes to the log only.
+    """
+    checks: dict[str, str] = {}
+
+    def run(name: str, fn: Callable[[], object]) -> None:
         try:
             fn()
             checks[name] = "ok"
         except Exception as exc:
-            checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+            log.warning("readiness: %s failed: %s: %s", name, type(exc).__name__, exc)
+            checks[name] = "error"
 
     def db() -> None:
         with request.app.state.sessions() as session:
             session.execute(text("SELECT 1"))
 
     run("database", db)
-    run("storage", store.check)
+    run("object_store", store.check)
     run("broker", lambda: _check_broker(settings.broker_url))
     if settings.redis_url:
         run("redis", lambda: _check_broker(settings.redis_url or ""))
-    ready = all(v == "ok" for v in checks.values())
+    failing = [name for name, state in checks.items() if state != "ok"]
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
+        {"status": "not_ready" if failing else "ready", "checks": checks, "failing": failing},
+        status_code=503 if failing else 200,
     )
 
 
