@@ -1,3 +1,7 @@
+"""Session fixtures shared by every test: moto's S3 server and a migrated Postgres database,
+and the in-process API (`stack`) on the embedded default and on Postgres + S3. They are thin
+wrappers over `tests.harness`, which the benchmarks use too."""
+
 from __future__ import annotations
 
 import os
@@ -8,55 +12,31 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import boto3
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.prestart import migrate
 from shared.config import Settings
 from shared.db import _engine_for
 from tests import services
+from tests.harness import (
+    ADMIN_KEY,
+    SIGNING_SECRET,
+    MotoS3,
+    embedded_settings,
+    migrate_database,
+    moto_server,
+    services_settings,
+)
 
-ADMIN_KEY = "test-admin-key-0123456789abcdef"
-SIGNING_SECRET = "test-signing-secret-0123456789abcdef"
-
-
-@dataclass
-class MotoS3:
-    endpoint_url: str
-    access_key: str = "testing"
-    secret_key: str = "testing"
-
-    def client(self):  # type: ignore[no-untyped-def]
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-        )
-
-    def new_bucket(self) -> str:
-        import uuid
-
-        name = f"qlora-test-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
-        return name
+__all__ = ["ADMIN_KEY", "SIGNING_SECRET", "MotoS3", "Stack", "embedded_settings"]
 
 
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[MotoS3]:
     """moto's standalone S3 server on a free loopback port: boto3 talks to it over HTTP."""
-    from moto.server import ThreadedMotoServer
-
-    port = services.free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield MotoS3(endpoint_url=f"http://127.0.0.1:{port}")
-    finally:
-        server.stop()
+    with moto_server() as s3:
+        yield s3
 
 
 @pytest.fixture(scope="session")
@@ -64,31 +44,8 @@ def postgres_url() -> Iterator[str]:
     """A fresh, migrated Postgres database for the session."""
     services.require("Postgres", services.postgres_available())
     with services.temporary_postgres_database() as url:
-        migrate(Settings(database_url=url, var_dir=Path("/nonexistent")))
+        migrate_database(Settings(database_url=url, var_dir=Path("/nonexistent")))
         yield url
-
-
-def embedded_settings(var_dir: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "var_dir": var_dir,
-        "admin_api_key": ADMIN_KEY,
-        "signing_secret": SIGNING_SECRET,
-        "public_base_url": "http://testserver",
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
-def services_settings(var_dir: Path, pg_url: str, s3: MotoS3, **overrides: object) -> Settings:
-    return embedded_settings(
-        var_dir,
-        database_url=pg_url,
-        storage_url=f"s3://{s3.new_bucket()}",
-        s3_endpoint_url=s3.endpoint_url,
-        s3_access_key_id=s3.access_key,
-        s3_secret_access_key=s3.secret_key,
-        **overrides,
-    )
 
 
 @dataclass
@@ -116,7 +73,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """The API on the embedded default (SQLite + folder) and on Postgres + S3 over HTTP."""
     if request.param == "embedded":
         settings = embedded_settings(tmp_path / "var")
-        migrate(settings)
+        migrate_database(settings)
     else:
         pg_url = request.getfixturevalue("postgres_url")
         settings = services_settings(tmp_path / "var", pg_url, request.getfixturevalue("moto_s3"))

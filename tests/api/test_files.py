@@ -263,9 +263,10 @@ def test_one_byte_over_the_limit_is_413_and_exact_limit_passes(small_limits_stac
     over = upload(stack, headers, body + b"\n")
     assert over.status_code == 413
     assert over.json()["error"] == {
-        "code": "file_too_large",
         "message": f"the file is larger than the limit of {limit} bytes",
+        "type": "invalid_request_error",
         "param": "file",
+        "code": "file_too_large",
     }
     assert len(stored_objects(stack, tenant)) == 1 and file_rows(stack, tenant) == 1
 
@@ -314,6 +315,6 @@ def test_unknown_ids_and_bad_pagination_are_clean_4xx(stack: Stack) -> None:
     assert stack.client.get("/v1/files/file-doesnotexist", headers=headers).status_code == 404
     assert stack.client.get("/v1/files/../../etc/passwd", headers=headers).status_code == 404
     resp = stack.client.get("/v1/files?limit=0", headers=headers)
-    assert resp.status_code == 422 and resp.json()["error"]["param"] == "limit"
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "limit"
     resp = stack.client.get("/v1/files?limit=abc", headers=headers)
-    assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_value"
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_value"

@@ -109,7 +109,12 @@ def test_submit_returns_an_openai_job_and_writes_one_outbox_row(stack: Stack, te
     events = stack.client.get(
         f"/v1/fine_tuning/jobs/{job['id']}/events", headers=tenant["headers"]
     ).json()
-    assert events["object"] == "list" and events["data"][0]["data"]["status"] == "queued"
+    assert events["object"] == "list"
+    statuses = [e["data"]["status"] for e in events["data"] if "status" in e["data"]]
+    assert statuses == ["queued"]
+    # No worker runs in this stack: admission says so in the estimate and in one event.
+    assert job["estimate"]["admission"]["live_workers"] == 0
+    assert [e["data"]["code"] for e in events["data"] if "code" in e["data"]] == ["no_live_worker"]
 
 
 @pytest.mark.parametrize(
@@ -118,21 +123,32 @@ def test_submit_returns_an_openai_job_and_writes_one_outbox_row(stack: Stack, te
         ({"model": "nope"}, 404, "model", "model_not_found"),
         ({"training_file": "file-missing"}, 404, "training_file", "not_found"),
         ({"validation_file": "file-missing"}, 404, "validation_file", "not_found"),
-        ({"qlora": {"rank": 0}}, 422, "qlora.rank", "invalid_value"),
-        ({"qlora": {"dropout": 1.5}}, 422, "qlora.dropout", "invalid_value"),
-        ({"qlora": {"learning_rate": -1}}, 422, "qlora.learning_rate", "invalid_value"),
-        ({"qlora": {"bogus": 1}}, 422, "qlora.bogus", "invalid_value"),
-        ({"qlora": {"base_model": "x"}}, 422, "qlora.base_model", "invalid_value"),
-        ({"hyperparameters": {"n_epochs": 0}}, 422, "qlora.num_epochs", "invalid_value"),
+        ({"qlora": {"rank": 0}}, 400, "qlora.rank", "invalid_value"),
+        ({"qlora": {"dropout": 1.5}}, 400, "qlora.dropout", "invalid_value"),
+        ({"qlora": {"learning_rate": -1}}, 400, "qlora.learning_rate", "invalid_value"),
+        ({"qlora": {"bogus": 1}}, 400, "qlora.bogus", "invalid_value"),
+        ({"qlora": {"base_model": "x"}}, 400, "qlora.base_model", "invalid_value"),
+        ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs", "invalid_value"),
+        (
+            {
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": {"batch_size": 0}},
+                }
+            },
+            400,
+            "method.supervised.hyperparameters.batch_size",
+            "invalid_value",
+        ),
         (
             {"hyperparameters": {"n_epochs": "lots"}},
-            422,
+            400,
             "hyperparameters.n_epochs",
             "invalid_value",
         ),
-        ({"surprise": True}, 422, "surprise", "invalid_value"),
-        ({"suffix": "has space"}, 422, "suffix", "invalid_value"),
-        ({"method": {"type": "dpo"}}, 422, "method.type", "invalid_value"),
+        ({"surprise": True}, 400, "surprise", "invalid_value"),
+        ({"suffix": "has space"}, 400, "suffix", "invalid_value"),
+        ({"method": {"type": "reinforcement"}}, 400, "method.type", "invalid_value"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_field(
@@ -151,19 +167,19 @@ def test_bad_specs_are_refused_naming_the_field(
 
 def test_format_mismatch_and_chat_without_template_are_refused(stack: Stack, tenant: Any) -> None:
     resp = submit(stack, tenant, validation_file=tenant["files"]["text"])
-    assert resp.status_code == 422 and resp.json()["error"]["param"] == "validation_file"
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "validation_file"
     resp = submit(stack, tenant, training_file=tenant["files"]["chat"])
-    assert resp.status_code == 422 and "chat template" in resp.json()["error"]["message"]
+    assert resp.status_code == 400 and "chat template" in resp.json()["error"]["message"]
 
 
-def test_a_job_no_gpu_can_hold_is_422_with_the_estimate(stack: Stack, tenant: Any) -> None:
+def test_a_job_no_gpu_can_hold_is_400_with_the_estimate(stack: Stack, tenant: Any) -> None:
     resp = submit(
         stack,
         tenant,
         model="huge",
         qlora={"max_seq_length": 131072, "batch_size": 64, "gradient_checkpointing": False},
     )
-    assert resp.status_code == 422
+    assert resp.status_code == 400
     error = resp.json()["error"]
     assert error["code"] == "exceeds_gpu_memory" and error["estimate"]["total_bytes"] > 80 * 2**30
     estimate = stack.client.post(
@@ -203,6 +219,27 @@ def test_queued_limit_is_429_with_retry_after(stack: Stack, tenant: Any) -> None
     assert submit(stack, tenant).status_code == 200  # a freed slot is usable again
 
 
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("metadata[]=x", "metadata[]"),
+        ("metadata[a=x", "metadata[a"),
+        ("metadata[a][b]=x", "metadata[a][b]"),
+        ("metadata[a]=1&metadata[a]=2", "metadata[a]"),
+        ("metadata=everything", "metadata"),
+        ("metadata=null&metadata[a]=1", "metadata"),
+    ],
+)
+def test_a_malformed_metadata_filter_is_400_naming_it(
+    stack: Stack, tenant: Any, query: str, param: str
+) -> None:
+    resp = stack.client.get(f"/v1/fine_tuning/jobs?{query}", headers=tenant["headers"])
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
+    assert error["param"] == param and error["message"].startswith(param)
+
+
 def test_list_paginates_and_cancel_twice_is_409(stack: Stack, tenant: Any) -> None:
     ids = [submit(stack, tenant).json()["id"] for _ in range(3)]
     seen: list[str] = []
@@ -231,7 +268,7 @@ def test_list_paginates_and_cancel_twice_is_409(stack: Stack, tenant: Any) -> No
         f"/v1/fine_tuning/jobs/{ids[0]}/events?after={events['data'][0]['id']}",
         headers=tenant["headers"],
     ).json()
-    assert [e["data"]["status"] for e in older["data"]] == ["queued"]
+    assert [e["data"]["status"] for e in older["data"] if "status" in e["data"]] == ["queued"]
 
 
 def test_idempotency_replay_mismatch_and_in_flight(stack: Stack, tenant: Any) -> None:
@@ -241,10 +278,10 @@ def test_idempotency_replay_mismatch_and_in_flight(stack: Stack, tenant: Any) ->
     assert replay.status_code == 200 and replay.json() == first.json()
     assert replay.headers["idempotent-replayed"] == "true"
     other = submit(stack, tenant, key, suffix="different")
-    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert other.status_code == 400 and other.json()["error"]["code"] == "idempotency_key_reused"
     # a failed request frees its key: the corrected retry runs
     bad = submit(stack, tenant, {"Idempotency-Key": "fix-me"}, qlora={"rank": 0})
-    assert bad.status_code == 422
+    assert bad.status_code == 400
     assert submit(stack, tenant, {"Idempotency-Key": "fix-me"}).status_code == 200
     # keys are per tenant
     with stack.client.app.state.sessions() as session:  # type: ignore[attr-defined]
@@ -289,4 +326,92 @@ def test_adapter_and_checkpoint_reads_of_unknown_ids_are_404(stack: Stack, tenan
     series = stack.client.get(f"/v1/fine_tuning/jobs/{job_id}/metrics", headers=h).json()
     assert series["step"] == [] and series["object"] == "fine_tuning.job.metrics"
     bad = stack.client.get(f"/v1/fine_tuning/jobs/{job_id}/events?after=garbage", headers=h)
-    assert bad.status_code == 422 and bad.json()["error"]["param"] == "after"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
+
+
+def test_deleting_a_finished_job_removes_its_adapter_checkpoints_and_objects(
+    stack: Stack, tenant: Any
+) -> None:
+    from shared.jobs import results, runs
+    from shared.models import Adapter, Checkpoint, JobEvent, ObjectDeletion
+    from shared.storage import adapter_prefix, results_key
+
+    job = submit(stack, tenant).json()
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    refused = stack.client.delete(url, headers=tenant["headers"])
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_not_deletable"
+
+    app_state = stack.client.app.state  # type: ignore[attr-defined]
+    store, sessions = app_state.store, app_state.sessions
+    # As a finished run leaves it: two recorded checkpoints, an unrecorded upload of a stale
+    # attempt, and the adapter with its objects.
+    prefixes = [runs.checkpoint_prefix(tenant["id"], job["id"], 1, s) for s in (3, 6)]
+    stale = runs.checkpoint_prefix(tenant["id"], job["id"], 0, 3)
+    with sessions.begin() as session:
+        row = session.get(Job, job["id"])
+        row.status = "succeeded"
+        for i, prefix in enumerate(prefixes):
+            session.add(
+                Checkpoint(
+                    id=f"ckpt-{job['id'][-8:]}-{i}",
+                    job_id=row.id,
+                    tenant_id=row.tenant_id,
+                    step=3 * (i + 1),
+                    attempt=1,
+                    metrics={},
+                    storage_prefix=prefix,
+                )
+            )
+        adapter_id = f"adapter-{job['id'][-10:]}"
+        session.add(
+            Adapter(
+                id=adapter_id,
+                tenant_id=row.tenant_id,
+                job_id=row.id,
+                base_model="tiny",
+                name=f"ft:tiny:{adapter_id}",
+                storage_prefix=adapter_prefix(row.tenant_id, adapter_id),
+                metrics={},
+                spec={},
+            )
+        )
+    for prefix in [*prefixes, stale, adapter_prefix(tenant["id"], adapter_id)]:
+        store.put_bytes(prefix + "adapter_model.safetensors", b"w" * 100)
+    csv_key = results_key(tenant["id"], "file-results1")
+    store.put_bytes(csv_key, b"step,train_loss\n1,2.0\n")
+    with sessions.begin() as session:
+        session.add(
+            results.results_file(
+                tenant_id=tenant["id"],
+                job_id=job["id"],
+                file_id="file-results1",
+                key=csv_key,
+                body=b"step,train_loss\n1,2.0\n",
+                rows=1,
+            )
+        )
+        session.get(Job, job["id"]).result_files = ["file-results1"]
+
+    other = stack.client.post(
+        "/admin/tenants", headers=stack.admin, json={"name": "someone-else"}
+    ).json()["id"]
+    other_key = stack.client.post(f"/admin/tenants/{other}/keys", headers=stack.admin).json()
+    not_theirs = stack.client.delete(url, headers={"Authorization": f"Bearer {other_key['key']}"})
+    assert not_theirs.status_code == 404
+
+    resp = stack.client.delete(url, headers=tenant["headers"])
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"id": job["id"], "object": "fine_tuning.job", "deleted": True}
+    assert stack.client.get(url, headers=tenant["headers"]).status_code == 404
+    assert (
+        stack.client.get(f"/v1/adapters/{adapter_id}", headers=tenant["headers"]).status_code == 404
+    )
+    assert store.list_keys(f"checkpoints/{tenant['id']}/") == []
+    assert store.list_keys(adapter_prefix(tenant["id"], adapter_id)) == []
+    assert not store.exists(csv_key)
+    assert stack.client.get("/v1/files/file-results1", headers=tenant["headers"]).status_code == 404
+    with sessions() as session:
+        for model in (Checkpoint, JobEvent, OutboxMessage):
+            assert session.scalars(select(model).where(model.job_id == job["id"])).all() == []
+        assert session.scalars(select(ObjectDeletion)).all() == []  # drained after the commit
+    assert stack.client.delete(url, headers=tenant["headers"]).status_code == 404

@@ -110,6 +110,40 @@ def test_streams_an_object_larger_than_64_mib(store: ObjectStore, tmp_path: Path
     assert target.stat().st_size == BIG
 
 
+def test_sync_dir_sends_only_what_the_prefix_lacks(
+    store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    for name, size in (("a.bin", 10), ("b.bin", 20), ("sub/c.json", 5)):
+        (folder / name).write_bytes(b"x" * size)
+    prefix = "checkpoints/org-a/job-1/attempt-1/step-3"
+    assert store.sync_dir(prefix, folder) == [
+        f"{prefix}/{n}" for n in ("a.bin", "b.bin", "sub/c.json")
+    ]
+    # As a failed try leaves it: one object missing, one of another size, one stray.
+    store.delete(f"{prefix}/a.bin")
+    store.put_bytes(f"{prefix}/b.bin", b"short")
+    store.put_bytes(f"{prefix}/stray", b"old")
+    sent: list[str] = []
+    put_file = store.put_file
+    monkeypatch.setattr(
+        store, "put_file", lambda key, path: sent.append(key) or put_file(key, path)
+    )
+    landed: list[str] = []
+    store.sync_dir(prefix, folder, on_landed=landed.append)
+    assert sorted(sent) == sorted(landed) == [f"{prefix}/a.bin", f"{prefix}/b.bin"]
+    assert store.list_sizes(prefix) == {
+        f"{prefix}/a.bin": 10,
+        f"{prefix}/b.bin": 20,
+        f"{prefix}/sub/c.json": 5,
+    }
+    sent.clear()
+    store.put_bytes(f"{prefix}/stray", b"old")
+    store.sync_dir(prefix, folder, delete_strays=False)
+    assert sent == [] and store.exists(f"{prefix}/stray")
+
+
 def test_keys_cannot_escape(store: ObjectStore) -> None:
     for bad in [
         "../etc/passwd",
@@ -164,7 +198,7 @@ def test_s3_uploads_send_no_default_crc_checksums(moto_s3: MotoS3) -> None:
         secret_access_key="testing",
     )
     sent: list[dict[str, str]] = []
-    store.client.meta.events.register(
+    store.client.raw.meta.events.register(
         "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
     )
     store.put_bytes("files/org-a/f.jsonl", b"x")

@@ -182,7 +182,7 @@ def test_an_unusable_checkpoint_costs_the_steps_not_the_job(stack: ServiceStack)
         ckpt = c.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"][0]
     store = make_store(stack.settings)
     tenant = stack.job(headers, job["id"])["organization_id"]
-    prefix = f"checkpoints/{tenant}/{job['id']}/step-{ckpt['step_number']}/"
+    prefix = f"checkpoints/{tenant}/{job['id']}/attempt-1/step-{ckpt['step_number']}/"
     store.put_bytes(prefix + "adapter_model.safetensors", b"bit rot")  # sha256 no longer matches
     second = stack.start_worker()
     try:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,3 +65,22 @@ def test_cli_rejects_an_invalid_spec(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "rank" in proc.stderr
+
+
+def test_cli_says_finished_when_stopped_after_the_last_step(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The issue's "stopped (preempt) at step 1/1": a Ctrl-C during the only step."""
+    from worker.training import StopRequest
+    from worker.training.__main__ import ConsoleHooks, main
+
+    monkeypatch.setattr(ConsoleHooks, "should_stop", lambda self: StopRequest.PREEMPT)
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # keep pytest's handlers
+    spec = small_spec(tiny_model_dir, max_steps=1, validation_fraction=0.0)
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    train = write_jsonl(tmp_path / "train.jsonl", template_rows(8, seed=5))
+    args = ["--spec", str(tmp_path / "spec.json"), "--data", str(train)]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    stdout = capsys.readouterr().out
+    assert "stopped" not in stdout
+    assert json.loads(stdout[stdout.index("{") :])["steps"] == 1

@@ -99,6 +99,20 @@ def test_read_rows_names_the_bad_line(tmp_path: Path) -> None:
         read_rows(bad)
 
 
+@pytest.mark.parametrize(
+    "line",
+    ['{"text": 1' + "0" * 5000 + "}", '{"text": NaN}', '{"text": 1e999}', "[" * 100_000],
+)
+def test_read_rows_applies_the_upload_checks_strict_json(tmp_path: Path, line: str) -> None:
+    """Training reads rows by the upload check's rules: what json.loads would take or choke on
+    differently (a 5000-digit integer, NaN, an overflowing float, deep nesting) is a DataError
+    naming the line, never another exception."""
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "ok"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"odd.jsonl:2: "):
+        read_rows(path)
+
+
 def test_data_order_is_a_function_of_seed_and_epoch() -> None:
     lengths = list(range(1, 41))
     a = epoch_batches(lengths, 4, seed=3, epoch=0, packing=True)
@@ -140,3 +154,22 @@ def test_collate_packed_and_padded(tokenizer: Any) -> None:
     assert torch.equal(padded.attention_mask, torch.tensor([[1, 1, 1], [1, 1, 0]]))
     assert padded.processed_tokens == 6 and padded.real_tokens == 5
     assert padded.targets.tolist() == [[2, 3, IGNORE_INDEX], [5, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_unrenderable_rows_are_grouped_by_reason_with_their_lines(tmp_path: Path) -> None:
+    """Every row the template refuses is named, grouped by reason; the message stays short."""
+    from tests.training.test_templates import GEMMA, byte_tokenizer
+
+    tokenizer = byte_tokenizer(GEMMA, ["<start_of_turn>", "<end_of_turn>"])
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "system", "content": "x"}, *ok["messages"]]}
+    path = write_jsonl(tmp_path / "t.jsonl", [bad if i % 2 else ok for i in range(30)])
+    with pytest.raises(DataError) as info:
+        tokenize_rows(read_rows(path), tokenizer, 64)
+    assert str(info.value) == (
+        f"15 row(s) cannot be rendered: {path}: lines 2, 4, 6, 8, 10, 12, 14, 16 (+7 more): "
+        "the base model's chat template refuses the row: System role not supported"
+    )
+    # rows not read from a file are numbered from 1
+    with pytest.raises(DataError, match=r"^1 row\(s\) cannot be rendered: line 2: "):
+        tokenize_rows([ok, bad], tokenizer, 64)

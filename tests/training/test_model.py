@@ -94,7 +94,7 @@ def _logits(model: Any, ids: torch.Tensor, positions: torch.Tensor) -> torch.Ten
 
 @pytest.mark.parametrize(
     ("quant_type", "packing", "attention"),
-    [("nf4", True, "sdpa_packed"), ("none", True, "sdpa_packed"), ("nf4", False, "sdpa")],
+    [("nf4", True, "packed_examples"), ("none", True, "packed_examples"), ("nf4", False, "sdpa")],
 )
 def test_packed_logits_equal_one_by_one(
     tiny_model_dir: Path, quant_type: str, packing: bool, attention: str

@@ -9,24 +9,24 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel, prepare_model_for_kbit_training
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.training.helpers import ANSWER, small_spec, template_rows, write_jsonl
-from worker.training import StopRequest, TrainHooks, TrainResult, train
+from worker.training import StepMetrics, StopRequest, TrainHooks, TrainResult, train
 from worker.training.data import collate, read_rows, tokenize_rows
 from worker.training.model import evaluate, load_tokenizer
 
 
 class RecordingHooks(TrainHooks):
     def __init__(self, stop_at: int | None = None, request: StopRequest | None = None) -> None:
-        self.progress: list[tuple[Any, ...]] = []
+        self.progress: list[StepMetrics] = []
         self.evals: list[tuple[int, float, float]] = []
         self.checkpoints: list[tuple[Path, int]] = []
         self.stop_at, self.request = stop_at, request
 
-    def on_progress(self, *args: Any) -> None:
-        self.progress.append(args)
+    def on_progress(self, metrics: StepMetrics) -> None:
+        self.progress.append(metrics)
 
     def on_eval(self, step: int, eval_loss: float, perplexity: float) -> None:
         self.evals.append((step, eval_loss, perplexity))
@@ -123,17 +123,17 @@ def test_outputs_round_trip_through_peft(
 
     # Loaded through PEFT on the same NF4 base, the adapter gives the recorded eval loss.
     from shared.train_spec import TrainSpec
-    from worker.training.model import load_base_model
+    from worker.training.model import load_base_model, prepare_for_training
 
     spec = TrainSpec.model_validate_json((out / "train_spec.json").read_text())
     base = load_base_model(spec, tiny_model_dir, torch.device("cpu"))
-    # as in training: norms and embeddings upcast to fp32 next to the NF4 projections
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    # as in training: bf16 embeddings and head, fp32 norms next to the NF4 projections
+    base = prepare_for_training(base, spec.model_copy(update={"gradient_checkpointing": False}))
     model = PeftModel.from_pretrained(base, out)
     tokenizer = load_tokenizer(tiny_model_dir)
     examples = tokenize_rows(read_rows(template_data[1]), tokenizer, 64).examples
     batches = [collate(examples[i : i + 8], packing=True, pad_id=0) for i in range(0, 24, 8)]
-    loss = evaluate(model, batches, torch.device("cpu"))
+    loss = evaluate(model, batches, torch.device("cpu"), dtype=torch.bfloat16)  # under autocast
     assert loss is not None
     assert math.isclose(loss, metrics["eval_loss_after"], rel_tol=1e-4)
 
@@ -141,10 +141,11 @@ def test_outputs_round_trip_through_peft(
 @pytest.mark.slow
 def test_hooks_receive_progress_and_evals(learned: tuple[TrainResult, RecordingHooks]) -> None:
     result, hooks = learned
-    assert [p[0] for p in hooks.progress] == list(range(1, 61))
-    step, total, loss, lr, grad_norm, tokens_per_s, eta_s = hooks.progress[-1]
-    assert step == total == 60 and 0 <= lr < 3e-3
-    assert loss > 0 and grad_norm >= 0 and tokens_per_s > 0 and eta_s == 0
+    assert [p.step for p in hooks.progress] == list(range(1, 61))
+    last = hooks.progress[-1]
+    assert last.step == last.total_steps == 60 and 0 <= last.lr < 3e-3
+    assert last.loss > 0 and last.grad_norm >= 0 and last.tokens_per_second > 0
+    assert last.eta_seconds == 0
     assert [e[0] for e in hooks.evals] == [0, 30, 60]
     assert hooks.evals[-1][1] == result.metrics["eval_loss_after"]
     assert math.isclose(hooks.evals[-1][2], math.exp(hooks.evals[-1][1]), rel_tol=1e-5)
@@ -197,3 +198,18 @@ def test_merged_model_matches_adapter_on_the_16bit_base(
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         assert (plain(input_ids=ids).logits - expected).abs().max() > 1e-2
+
+
+def test_preempt_after_the_last_step_finishes_the_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A stop request that arrives while the last step runs (a Ctrl-C, a SIGTERM) finds
+    nothing left to resume: the run finishes and reports it, it is not 'preempted'."""
+    data = write_jsonl(tmp_path / "d.jsonl", template_rows(20, seed=3))
+    hooks = RecordingHooks(stop_at=2, request=StopRequest.PREEMPT)
+    spec = small_spec(tiny_model_dir, max_steps=2, checkpoint_steps=1)
+    result = train(spec, data, tmp_path / "out", hooks)
+    assert result.stopped is None and result.checkpoint is None
+    assert result.step == result.total_steps == 2
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert result.metrics["steps"] == 2 and result.metrics["eval_loss_after"] is not None
+    assert [step for _, step in hooks.checkpoints] == [1]  # step 1's periodic one only
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.prestart import migrate
 from shared.db import session_factory
-from shared.jobs import leases
+from shared.jobs import leases, outbox, runs
 from shared.jobs.states import TRANSITIONS, IllegalTransition, JobStatus, set_status
 from shared.models import IdempotencyKey, Job, JobEvent, OutboxMessage, Tenant, utcnow
 from tests.conftest import embedded_settings
@@ -69,22 +69,26 @@ def test_set_status_is_conditional_so_a_race_has_one_winner(session: Session) ->
     assert session.scalars(select(JobEvent)).all() == []
 
 
+def claim(session: Session, job_id: str, owner: str) -> runs.Lease | None:
+    return runs.claim(session, job_id=job_id, owner=owner, lease_seconds=30).lease
+
+
 def test_claim_is_exclusive_and_respects_the_tenant_limit(session: Session) -> None:
     make_job(session, "ftjob-1")
     make_job(session, "ftjob-2")
-    job = leases.claim_job(session, job_id="ftjob-1", owner="w1", lease_seconds=30)
-    assert job is not None and job.attempt == 1 and job.lease_owner == "w1"
-    assert leases.claim_job(session, job_id="ftjob-1", owner="w2", lease_seconds=30) is None
+    lease = claim(session, "ftjob-1", "w1")
+    assert lease is not None and lease.attempt == 1 and lease.owner == "w1"
+    job = session.get(Job, "ftjob-1")
+    assert job is not None and (job.status, job.lease_owner) == ("running", "w1")
+    started = session.scalars(select(JobEvent).where(JobEvent.job_id == "ftjob-1")).all()[-1]
+    assert started.data == {"status": "running", "from": "queued", "attempt": 1, "worker": "w1"}
+    assert claim(session, "ftjob-1", "w2") is None
     # max_running_jobs=1: the second job waits its turn
-    assert leases.claim_job(session, job_id="ftjob-2", owner="w2", lease_seconds=30) is None
-    assert leases.is_waiting_turn(session, job_id="ftjob-2")
-    state = leases.renew_lease(session, job_id="ftjob-1", owner="w2", lease_seconds=30, progress={})
-    assert state.held is False  # only the owner renews
-    state = leases.renew_lease(
-        session, job_id="ftjob-1", owner="w1", lease_seconds=30, progress={"step": 3}
-    )
-    session.expire_all()
-    assert state.held is True and session.get(Job, "ftjob-1").step == 3  # type: ignore[union-attr]
+    outcome = runs.claim(session, job_id="ftjob-2", owner="w2", lease_seconds=30).outcome
+    assert outcome is runs.ClaimOutcome.WAITING_TURN
+    other = runs.Lease("ftjob-1", "org-a", "w2", 1)
+    assert runs.renew(session, other, lease_seconds=30).held is False  # only the owner renews
+    assert runs.renew(session, lease, lease_seconds=30).held is True
 
 
 def expire(session: Session, job_id: str) -> None:
@@ -97,8 +101,8 @@ def expire(session: Session, job_id: str) -> None:
 def test_sweeper_requeues_expired_leases_then_fails_after_max_attempts(session: Session) -> None:
     make_job(session, "ftjob-1", max_attempts=2)
     for attempt in (1, 2):
-        job = leases.claim_job(session, job_id="ftjob-1", owner=f"w{attempt}", lease_seconds=30)
-        assert job is not None and job.attempt == attempt
+        lease = claim(session, "ftjob-1", f"w{attempt}")
+        assert lease is not None and lease.attempt == attempt
         session.commit()
         expire(session, "ftjob-1")
         requeued, failed, _ = leases.sweep_leases(session)
@@ -111,14 +115,14 @@ def test_sweeper_requeues_expired_leases_then_fails_after_max_attempts(session: 
             assert requeued == [] and failed == ["ftjob-1"]
     job = session.get(Job, "ftjob-1")
     assert job is not None and job.status == "failed" and job.error_code == "max_attempts_exceeded"
-    assert leases.claim_job(session, job_id="ftjob-1", owner="w3", lease_seconds=30) is None
-    outbox = session.scalars(select(OutboxMessage)).all()
-    assert len(outbox) == 1  # one republish, for the single requeue
+    assert claim(session, "ftjob-1", "w3") is None
+    messages = session.scalars(select(OutboxMessage)).all()
+    assert len(messages) == 1  # one republish, for the single requeue
 
 
 def test_cancel_requested_job_with_a_dead_worker_ends_cancelled(session: Session) -> None:
     make_job(session, "ftjob-1")
-    assert leases.claim_job(session, job_id="ftjob-1", owner="w1", lease_seconds=30)
+    assert claim(session, "ftjob-1", "w1")
     session.execute(update(Job).where(Job.id == "ftjob-1").values(cancel_requested=True))
     expire(session, "ftjob-1")
     _, _, cancelled = leases.sweep_leases(session)
@@ -140,12 +144,12 @@ def test_outbox_relay_marks_sent_and_stops_at_the_first_broker_error(session: Se
             raise ConnectionError("broker down")
         sent.append(job_id)
 
-    rows = leases.unsent_outbox(session)
+    rows = outbox.due(session)
     assert [r.job_id for r in rows] == ["ftjob-0", "ftjob-1", "ftjob-2"]
-    leases.publish_outbox(session, rows, flaky)
+    outbox.publish(session, rows, flaky)
     session.commit()
     assert sent == ["ftjob-0"]
-    assert [r.job_id for r in leases.unsent_outbox(session)] == ["ftjob-1", "ftjob-2"]
+    assert [r.job_id for r in outbox.due(session)] == ["ftjob-1", "ftjob-2"]
 
 
 def test_expired_idempotency_keys_are_deleted(session: Session) -> None:
@@ -163,3 +167,34 @@ def test_expired_idempotency_keys_are_deleted(session: Session) -> None:
     session.commit()
     assert leases.expire_idempotency_keys(session) == 1
     assert [k.key for k in session.scalars(select(IdempotencyKey))] == ["new"]
+
+
+def test_a_requeue_by_the_sweeper_is_due_at_once_an_api_submit_after_the_grace(
+    session: Session,
+) -> None:
+    api_job = make_job(session, "ftjob-api")
+    swept = make_job(session, "ftjob-swept")
+    outbox.enqueue(session, api_job, caller_sends=True)
+    outbox.enqueue(session, swept)
+    session.commit()
+    assert [row.job_id for row in outbox.due(session)] == ["ftjob-swept"]
+    later = utcnow() + outbox.GRACE + timedelta(seconds=1)
+    assert [row.job_id for row in outbox.due(session, now=later)] == ["ftjob-api", "ftjob-swept"]
+
+
+def test_a_queued_job_is_republished_early_only_while_a_worker_for_its_queue_idles(
+    session: Session,
+) -> None:
+    make_job(session, "ftjob-lost")
+    sent = utcnow() - leases.IDLE_REPUBLISH_AFTER - timedelta(seconds=5)
+    session.add(OutboxMessage(job_id="ftjob-lost", queue="cpu", sent_at=sent, created_at=sent))
+    session.execute(update(Job).where(Job.id == "ftjob-lost").values(updated_at=sent))
+    session.commit()
+    assert leases.republish_stale_queued(session) == []  # nobody idles: wait the long cutoff
+    assert leases.republish_stale_queued(session, idle_queues={"gpu-24g"}) == []
+    assert leases.republish_stale_queued(session, idle_queues={"cpu"}) == ["ftjob-lost"]
+    session.commit()
+    # Its new message is pending now, so the next sweep does not add another.
+    assert leases.republish_stale_queued(session, idle_queues={"cpu"}) == []
+    rows = session.scalars(select(OutboxMessage).where(OutboxMessage.sent_at.is_(None))).all()
+    assert [r.job_id for r in rows] == ["ftjob-lost"]

@@ -49,7 +49,7 @@ def test_crlf_and_blank_lines_are_accepted() -> None:
         ({"messages": []}, "field 'messages' must be a non-empty list"),
         (
             {"messages": [{"role": "assistant", "content": 1}]},
-            "messages[0].content must be a string",
+            "messages[0].content must be a string or a non-empty list of text parts",
         ),
         (
             {"messages": [{"role": "assistant", "content": "x", "tool": 1}]},
