@@ -1,11 +1,30 @@
-"""Engine vs the usual baseline (transformers Trainer + PEFT + bitsandbytes NF4, padded batches).
+"""The engine against the strongest standard recipes, in one invocation.
 
-Same model (a ~26M-parameter LLaMA built locally), same variable-length completion data,
-same hyperparameters, optimizer and number of optimizer steps. Each side runs in its own
-subprocess so that peak RSS is its own. Prints non-padding tokens/s of both and the ratio,
-the padding fraction each processed, and peak RSS.
+Sides (same base model, data, hyperparameters, optimizer, optimizer steps and seed; each run in
+its own subprocess so peak RSS is its own):
 
-    .venv/bin/python bench/train_throughput.py [--steps 8] [--batch-size 8] [--repeats 2]
+* `engine`: this service's engine (packed rows, per-example attention).
+* `trl_sft`: TRL `SFTTrainer`, standard recipe (prompt/completion rows, loss on completions,
+  random batches padded to their longest row).
+* `trl_packed`: TRL `SFTTrainer` with `packing=True` (best-fit-decreasing packing into
+  `max_length` rows, padding-free with position ids).
+* `trainer_grouped`: transformers `Trainer` with `train_sampling_strategy="group_by_length"`
+  (the one-flag fix for padding), padded collator.
+
+Per side and run: non-padding tokens per second of wall time of the step loop and per CPU
+second of the whole child, padding fraction, peak RSS, and the final eval loss: every side's
+adapter is loaded onto a fresh NF4 base by the same code and scored on the same held-out rows
+(mean cross-entropy over completion tokens and EOS). Model FLOP utilisation (MFU) is the
+model's training FLOPs per second divided by this machine's fp32 matmul peak, measured in the
+same invocation with a large `torch.matmul`. Sides alternate; each side runs `--repeats` times
+and the table shows min / median / max.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_throughput.py \
+        [--models small,base] [--steps 8] [--repeats 3] [--sides engine,trl_sft,...]
+
+`small` is a 26M-parameter LLaMA (hidden 512, 8 layers), `base` a 158M one (hidden 1024,
+12 layers, intermediate 2816). TRL and `datasets` are benchmark extras (`pip install trl`),
+not service dependencies.
 """
 
 from __future__ import annotations
@@ -15,25 +34,40 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = {
-    "hidden_size": 512,
-    "intermediate_size": 1408,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
+MODELS: dict[str, dict[str, int]] = {
+    "small": {
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "base": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+    },
 }
+SIDES = ("engine", "trl_sft", "trl_packed", "trainer_grouped")
+MAX_LEN = 512
+EVAL_ROWS = 48
 
 
 def make_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """Prompts of 16-400 bytes and completions of 8-120 bytes: lengths vary ~25x."""
+    """Prompts of 16-400 bytes and completions of 8-120 bytes: lengths vary ~25x. The
+    completion repeats the prompt's last words, so there is something to learn."""
     rng = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
@@ -42,31 +76,24 @@ def make_rows(n: int, seed: int) -> list[dict[str, str]]:
         target = rng.randint(lo, hi)
         while len(out) < target:
             out += rng.choice(words) + " "
-        return out[:target]
+        return out[:target].strip() or "alpha"
 
-    return [{"prompt": text(16, 400), "completion": text(8, 120)} for _ in range(n)]
+    rows = []
+    for _ in range(n):
+        prompt = text(16, 400)
+        tail = prompt.split()[-rng.randint(1, 12) :]
+        rows.append({"prompt": prompt, "completion": " ".join(reversed(tail)) + " ."})
+    return rows
 
 
-def spec_values(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def hyper(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "base_model": str(model_dir),
-        "max_seq_length": 512,
         "batch_size": args.batch_size,
-        "gradient_accumulation_steps": 1,
         "max_steps": args.steps,
-        "learning_rate": 2e-4,
-        "lr_scheduler": "constant",
-        "warmup_ratio": 0.0,
-        "compute_dtype": "float32",
-        "quant_type": "nf4",
-        "double_quant": True,
+        "learning_rate": 1e-3,
         "rank": 16,
         "alpha": 32,
         "dropout": 0.05,
-        "optimizer": "paged_adamw_8bit",
-        "gradient_checkpointing": True,
-        "validation_fraction": 0.0,
-        "checkpoint_steps": None,
         "seed": 0,
     }
 
@@ -75,81 +102,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_engine(model_dir: Path, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from shared.train_spec import TrainSpec
-    from worker.training import TrainHooks, train
-
-    class Clock(TrainHooks):
-        tokens_per_s = 0.0
-
-        def on_progress(
-            self,
-            step: int,
-            total: int,
-            loss: float,
-            lr: float,
-            gn: float,
-            tokens_per_s: float,
-            eta_s: float,
-        ) -> None:
-            self.tokens_per_s = tokens_per_s
-
-    clock = Clock()
-    result = train(TrainSpec(**spec_values(model_dir, args)), data, out, clock)
-    m = result.metrics
-    return {
-        "tokens_per_s": clock.tokens_per_s,  # real tokens / wall time of the step loop
-        "real_tokens": m["train_tokens"],
-        "padding_fraction": m["padding_fraction"],
-        "peak_rss_bytes": peak_rss(),
-    }
-
-
-def run_trainer(model_dir: Path, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The usual recipe: HF dataset-free Trainer, padded collator, labels -100 on prompts."""
+def load_nf4(model_dir: Path) -> Any:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        BitsAndBytesConfig,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    v = spec_values(model_dir, args)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
-    features = []
-    for row in rows:
-        prompt = tok(row["prompt"])["input_ids"]
-        completion = tok(row["completion"], add_special_tokens=False)["input_ids"] + [
-            tok.eos_token_id
-        ]
-        ids = (prompt + completion)[: v["max_seq_length"]]
-        labels = ([-100] * len(prompt) + completion)[: v["max_seq_length"]]
-        features.append({"input_ids": ids, "labels": labels})
-
-    counts = {"real": 0, "processed": 0}
-
-    def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in batch)
-        ids, labels, mask = [], [], []
-        for f in batch:
-            pad = width - len(f["input_ids"])
-            ids.append(f["input_ids"] + [tok.pad_token_id] * pad)
-            labels.append(f["labels"] + [-100] * pad)
-            mask.append([1] * len(f["input_ids"]) + [0] * pad)
-            counts["real"] += len(f["input_ids"])
-        counts["processed"] += width * len(batch)
-        return {
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "attention_mask": torch.tensor(mask),
-        }
-
-    model: Any = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
@@ -160,10 +117,16 @@ def run_trainer(model_dir: Path, data: Path, out: Path, args: argparse.Namespace
         dtype=torch.float32,
         device_map={"": "cpu"},
     )
+
+
+def peft_model(model_dir: Path) -> Any:
+    """The standard QLoRA preparation shared by the Trainer and TRL sides."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-        model, gradient_checkpointing_kwargs={"use_reentrant": False}
+        load_nf4(model_dir), gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    model = get_peft_model(
+    return get_peft_model(
         model,
         LoraConfig(
             r=16,
@@ -173,6 +136,101 @@ def run_trainer(model_dir: Path, data: Path, out: Path, args: argparse.Namespace
             task_type="CAUSAL_LM",
         ),
     )
+
+
+def encode(tok: Any, row: dict[str, str]) -> tuple[list[int], list[int]]:
+    prompt = tok(row["prompt"])["input_ids"]
+    completion = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = (prompt + completion)[:MAX_LEN]
+    labels = ([-100] * len(prompt) + completion)[:MAX_LEN]
+    return ids, labels
+
+
+def eval_loss(model_dir: Path, adapter_dir: Path, rows: list[dict[str, str]]) -> float:
+    """The same scoring for every side: its adapter on a fresh NF4 base, one row at a time."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(load_nf4(model_dir), adapter_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids, labels = encode(tok, row)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            loss = torch.nn.functional.cross_entropy(
+                logits, target, ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((target != -100).sum())
+    return total / count
+
+
+def run_engine(model_dir: Path, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from shared.train_spec import TrainSpec
+    from worker.training import StepMetrics, TrainHooks, train
+
+    class Clock(TrainHooks):
+        tokens_per_s = 0.0
+
+        def on_progress(self, metrics: StepMetrics) -> None:
+            self.tokens_per_s = metrics.tokens_per_second
+
+    h = hyper(args)
+    spec = TrainSpec(
+        base_model=str(model_dir),
+        max_seq_length=MAX_LEN,
+        batch_size=h["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=h["max_steps"],
+        learning_rate=h["learning_rate"],
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        compute_dtype="float32",
+        quant_type="nf4",
+        double_quant=True,
+        rank=h["rank"],
+        alpha=h["alpha"],
+        dropout=h["dropout"],
+        optimizer="paged_adamw_8bit",
+        gradient_checkpointing=True,
+        validation_fraction=0.0,
+        checkpoint_steps=None,
+        seed=h["seed"],
+    )
+    clock = Clock()
+    result = train(spec, data, out, clock)
+    m = result.metrics
+    return {
+        "tokens_per_s": clock.tokens_per_s,  # real tokens / wall time of the step loop
+        "real_tokens": m["train_tokens"],
+        "padding_fraction": m["padding_fraction"],
+        "adapter_dir": str(out),
+    }
+
+
+class Counting:
+    """Wraps a collator: counts non-padding and processed token positions."""
+
+    def __init__(self, collate: Callable[[Any], Any]) -> None:
+        self.collate = collate
+        self.real = 0
+        self.processed = 0
+
+    def __call__(self, batch: Any) -> Any:
+        out = self.collate(batch)
+        ids = out["input_ids"]
+        self.processed += ids.numel()
+        mask = out.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else ids.numel()
+        return out
+
+
+def timed_train(trainer: Any, counter: Counting) -> dict[str, Any]:
+    from transformers import TrainerCallback
+
     times: dict[str, float] = {}
 
     class Clock(TrainerCallback):
@@ -182,82 +240,176 @@ def run_trainer(model_dir: Path, data: Path, out: Path, args: argparse.Namespace
         def on_train_end(self, *a: Any, **k: Any) -> None:
             times["end"] = time.monotonic()
 
-    training_args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=v["batch_size"],
-        gradient_accumulation_steps=1,
-        max_steps=v["max_steps"],
-        learning_rate=v["learning_rate"],
-        lr_scheduler_type="constant",
-        optim="paged_adamw_8bit",
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=1000,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        max_grad_norm=0.3,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=features,
-        data_collator=collate,
-        callbacks=[Clock()],
-    )
+    trainer.add_callback(Clock())
+    trainer.data_collator = counter
     trainer.train()
     return {
-        "tokens_per_s": counts["real"] / (times["end"] - times["start"]),
-        "real_tokens": counts["real"],
-        "padding_fraction": 1 - counts["real"] / counts["processed"],
-        "peak_rss_bytes": peak_rss(),
+        "tokens_per_s": counter.real / (times["end"] - times["start"]),
+        "real_tokens": counter.real,
+        "padding_fraction": 1 - counter.real / counter.processed,
     }
 
 
+def common_args(args: argparse.Namespace) -> dict[str, Any]:
+    h = hyper(args)
+    return {
+        "per_device_train_batch_size": h["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "max_steps": h["max_steps"],
+        "learning_rate": h["learning_rate"],
+        "lr_scheduler_type": "constant",
+        "optim": "paged_adamw_8bit",
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "logging_steps": 1000,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": h["seed"],
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "max_grad_norm": 0.3,
+        "disable_tqdm": True,
+    }
+
+
+def run_trl(
+    model_dir: Path, data: Path, out: Path, args: argparse.Namespace, *, packing: bool
+) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    config = SFTConfig(
+        output_dir=str(out),
+        max_length=MAX_LEN,
+        packing=packing,
+        completion_only_loss=True,
+        **common_args(args),
+    )
+    trainer = SFTTrainer(
+        model=peft_model(model_dir),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
+    result = timed_train(trainer, Counting(trainer.data_collator))
+    trainer.model.save_pretrained(str(out / "adapter"))
+    return {**result, "adapter_dir": str(out / "adapter")}
+
+
+def run_trainer_grouped(
+    model_dir: Path, data: Path, out: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    features = []
+    for row in rows:
+        ids, labels = encode(tok, row)
+        features.append({"input_ids": ids, "labels": labels, "length": len(ids)})
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in batch)
+        pad = [width - len(f["input_ids"]) for f in batch]
+        return {
+            "input_ids": torch.tensor(
+                [f["input_ids"] + [tok.pad_token_id] * p for f, p in zip(batch, pad, strict=True)]
+            ),
+            "labels": torch.tensor(
+                [f["labels"] + [-100] * p for f, p in zip(batch, pad, strict=True)]
+            ),
+            "attention_mask": torch.tensor(
+                [[1] * len(f["input_ids"]) + [0] * p for f, p in zip(batch, pad, strict=True)]
+            ),
+        }
+
+    training_args = TrainingArguments(
+        output_dir=str(out),
+        train_sampling_strategy="group_by_length",
+        remove_unused_columns=False,
+        **common_args(args),
+    )
+    trainer = Trainer(
+        model=peft_model(model_dir),
+        args=training_args,
+        train_dataset=Dataset.from_list(features),
+        data_collator=collate,
+    )
+    result = timed_train(trainer, Counting(collate))
+    trainer.model.save_pretrained(str(out / "adapter"))
+    return {**result, "adapter_dir": str(out / "adapter")}
+
+
 def child(args: argparse.Namespace) -> None:
-    runner = run_engine if args.child == "engine" else run_trainer
+    runners: dict[str, Callable[..., dict[str, Any]]] = {
+        "engine": run_engine,
+        "trl_sft": lambda *a: run_trl(*a, packing=False),
+        "trl_packed": lambda *a: run_trl(*a, packing=True),
+        "trainer_grouped": run_trainer_grouped,
+    }
+    model_dir, data, out = Path(args.model), Path(args.data), Path(args.out)
     before = os.times()
-    result = runner(Path(args.model), Path(args.data), Path(args.out), args)
+    result = runners[args.child](model_dir, data, out, args)
     after = os.times()
     cpu_s = (after.user - before.user) + (after.system - before.system)
-    # CPU seconds of the whole run (model load included on both sides): on a shared machine
+    # CPU seconds of the whole run (model load included on every side): on a shared machine
     # they move much less with other processes' load than wall time does
     result["tokens_per_cpu_s"] = result["real_tokens"] / cpu_s
+    result["peak_rss_bytes"] = peak_rss()
+    valid = [json.loads(line) for line in Path(args.valid).read_text().splitlines()]
+    result["eval_loss"] = eval_loss(model_dir, Path(result.pop("adapter_dir")), valid)
     print("RESULT " + json.dumps(result))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per side, best kept")
-    parser.add_argument("--child", choices=["engine", "trainer"])
-    parser.add_argument("--model")
-    parser.add_argument("--data")
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
-    from transformers import LlamaForCausalLM
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul FLOP/s: the best of a few large square products."""
+    import torch
 
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def linear_params(model_dir: Path) -> tuple[int, int]:
+    """(all parameters, parameters of the linear layers incl. lm_head) of the base model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return total, linear
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    lo, mid, hi = min(values), statistics.median(values), max(values)
+    return f"{fmt.format(lo)} / {fmt.format(mid)} / {fmt.format(hi)}"
+
+
+def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> None:
     from worker.training.tiny import build_tiny_model
 
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        model_dir = build_tiny_model(tmp / "model", **SIZE)
-        n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(model_dir).parameters())
-        data = tmp / "train.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows, seed=0)))
-        results: dict[str, dict[str, Any]] = {}
-        # alternate the sides and keep each side's best run: the machine is shared and
-        # background load comes and goes
-        for side in ("trainer", "engine") * args.repeats:
+    model_dir = build_tiny_model(tmp / name / "model", **MODELS[name])
+    n_params, n_linear = linear_params(model_dir)
+    rows = make_rows(args.rows + EVAL_ROWS, seed=0)
+    data, valid = tmp / name / "train.jsonl", tmp / name / "valid.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.rows]))
+    valid.write_text("".join(json.dumps(r) + "\n" for r in rows[args.rows :]))
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+    for repeat in range(args.repeats):
+        # alternate the sides (and their order each repeat): background load comes and goes
+        order = list(args.sides) if repeat % 2 == 0 else list(reversed(args.sides))
+        for side in order:
             cmd = [
                 sys.executable,
                 __file__,
@@ -267,8 +419,10 @@ def main() -> None:
                 str(model_dir),
                 "--data",
                 str(data),
+                "--valid",
+                str(valid),
                 "--out",
-                str(tmp / side),
+                str(tmp / name / f"{side}-{repeat}"),
                 "--steps",
                 str(args.steps),
                 "--batch-size",
@@ -280,31 +434,66 @@ def main() -> None:
             if proc.returncode != 0 or not lines:
                 sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
             run = json.loads(lines[-1][len("RESULT ") :])
+            # model FLOPs of LoRA training on a frozen base: forward 2N per token, backward
+            # through the frozen weights 2N (no weight gradients), attention not counted
+            run["mfu"] = 4 * n_linear * run["tokens_per_s"] / peak
+            runs[side].append(run)
             print(
-                f"  {side}: {run['tokens_per_s']:.1f} non-pad tokens/s, "
-                f"{run['tokens_per_cpu_s']:.1f} per CPU-s",
+                f"  [{name}] {side}: {run['tokens_per_s']:.1f} tok/s, "
+                f"{run['tokens_per_cpu_s']:.1f} tok/CPU-s, eval {run['eval_loss']:.4f}",
                 flush=True,
             )
-            if side not in results or run["tokens_per_s"] > results[side]["tokens_per_s"]:
-                results[side] = run
-    e, t = results["engine"], results["trainer"]
     print(
-        f"model: LLaMA {n_params / 1e6:.1f}M params, NF4 + double quant, LoRA r=16 all-linear,"
-        f" paged_adamw_8bit, fp32 compute, {args.steps} steps x batch {args.batch_size}"
+        f"\nmodel {name}: LLaMA {n_params / 1e6:.1f}M params, NF4 + double quant, LoRA r=16 "
+        f"all-linear, paged_adamw_8bit, fp32 compute, {args.steps} steps x batch "
+        f"{args.batch_size}, {args.repeats} runs per side (min / median / max)"
     )
-    print(f"{'':22}{'engine':>14}{'Trainer':>14}")
-    print(f"{'non-pad tokens/s':22}{e['tokens_per_s']:14.1f}{t['tokens_per_s']:14.1f}")
-    print(f"{'non-pad tokens':22}{e['real_tokens']:14d}{t['real_tokens']:14d}")
-    print(f"{'padding fraction':22}{e['padding_fraction']:14.3f}{t['padding_fraction']:14.3f}")
-    print(
-        f"{'peak RSS MiB':22}{e['peak_rss_bytes'] / 2**20:14.0f}{t['peak_rss_bytes'] / 2**20:14.0f}"
-    )
-    print(f"{'non-pad tokens/CPU-s':22}{e['tokens_per_cpu_s']:14.1f}{t['tokens_per_cpu_s']:14.1f}")
-    print(f"throughput ratio engine/Trainer, wall: {e['tokens_per_s'] / t['tokens_per_s']:.2f}")
-    print(
-        f"throughput ratio engine/Trainer, CPU:  "
-        f"{e['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}"
-    )
+    print("| side | non-pad tokens/s | tokens/CPU-s | padding | peak RSS MiB | eval loss | MFU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for side in args.sides:
+        rs = runs[side]
+        print(
+            f"| {side} | {spread([r['tokens_per_s'] for r in rs])} "
+            f"| {spread([r['tokens_per_cpu_s'] for r in rs])} "
+            f"| {statistics.median(r['padding_fraction'] for r in rs):.3f} "
+            f"| {statistics.median(r['peak_rss_bytes'] for r in rs) / 2**20:.0f} "
+            f"| {spread([r['eval_loss'] for r in rs], '{:.4f}')} "
+            f"| {spread([100 * r['mfu'] for r in rs], '{:.2f}%')} |"
+        )
+    if "engine" in runs:
+        engine = statistics.median(r["tokens_per_s"] for r in runs["engine"])
+        for side in args.sides:
+            if side != "engine":
+                other = statistics.median(r["tokens_per_s"] for r in runs[side])
+                print(f"engine / {side} (median tokens/s): {engine / other:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="small", help="comma list of: small, base")
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=SIDES)
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--valid")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    args.sides = [s for s in args.sides.split(",") if s]
+    unknown = set(args.sides) - set(SIDES)
+    if unknown:
+        sys.exit(f"unknown side(s): {', '.join(sorted(unknown))}")
+    peak = matmul_peak_flops()
+    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        for name in args.models.split(","):
+            bench_model(name, Path(tmp_name), args, peak)
 
 
 if __name__ == "__main__":

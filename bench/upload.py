@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,40 +46,26 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/upload.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(ROOT))
 
-from bench.procs import stop_process  # noqa: E402
+from bench.common import proc_cpu  # noqa: E402
+from tests.harness import (  # noqa: E402
+    ADMIN_KEY,
+    SIGNING_SECRET,
+    MotoS3,
+    StackError,
+    free_port,
+    inherited_env,
+    log_tail,
+    moto_server,
+    running,
+    wait_http,
+)
+from tests.harness.stack import api_args  # noqa: E402
 
 MIB = 1024 * 1024
 MB = 1000 * 1000
 RSS_TARGET_BYTES = 64 * MIB
 CLIENT_CHUNK = 256 * 1024
 SAMPLE_INTERVAL_S = 0.005
-ADMIN_KEY = "bench-admin-key-" + uuid.uuid4().hex
-SIGNING_SECRET = "bench-signing-secret-" + uuid.uuid4().hex
-S3_ACCESS_KEY = "testing"
-S3_SECRET_KEY = "testing"
-# Settings fields (shared/config.py): dropped from the inherited environment so that nothing
-# outside the benchmark can redirect the API to another database or store.
-SETTINGS_ENV = frozenset(
-    {
-        "ENVIRONMENT",
-        "VAR_DIR",
-        "DATABASE_URL",
-        "BROKER_URL",
-        "REDIS_URL",
-        "STORAGE_URL",
-        "S3_ENDPOINT_URL",
-        "S3_ACCESS_KEY_ID",
-        "S3_SECRET_ACCESS_KEY",
-        "S3_REGION",
-        "ADMIN_API_KEY",
-        "SIGNING_SECRET",
-        "MAX_UPLOAD_BYTES",
-        "MAX_LINE_BYTES",
-        "PUBLIC_BASE_URL",
-        "WORKER_QUEUES",
-        "MODELS_DIR",
-    }
-)
 WORDS = tuple(
     " ".join(
         (
@@ -178,104 +163,6 @@ def time_copy(src: Path, dst: Path, *, fsync: bool, repeats: int = 3) -> float:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in SETTINGS_ENV}
-    env.update(extra)
-    return env
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextlib.contextmanager
-def spawn(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        stop_process(proc)
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(f"{proc.args!r} exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            httpx.get(url, timeout=2.0)
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{url} did not answer in {timeout_s:.0f}s:\n{log_tail(log)}"
-                ) from None
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def moto_server(work: Path) -> Iterator[tuple[str, int]]:
-    """moto's standalone S3 server in its own process; yields its endpoint URL and pid."""
-    port = free_port()
-    log = work / "moto.log"
-    env = clean_env({"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY})
-    args = [sys.executable, "-c", _MOTO_MAIN, str(port)]
-    with spawn(args, env, log) as proc:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_http(f"{endpoint}/moto-api/", proc, log)
-        yield endpoint, proc.pid
-
-
-_MOTO_MAIN = """
-import sys, threading
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
-server.start()
-threading.Event().wait()
-"""
-
-
-def create_bucket(endpoint: str) -> str:
-    import boto3  # a dependency of the service itself
-
-    name = f"bench-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=name)
-    return name
-
-
-def s3_object_size(endpoint: str, bucket: str, key: str) -> int:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name="us-east-1",
-    )
-    return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-
-
 @dataclass
 class Api:
     proc: subprocess.Popen[bytes]
@@ -285,19 +172,18 @@ class Api:
 
 @contextlib.contextmanager
 def api_server(work: Path, extra_env: dict[str, str], max_upload: int) -> Iterator[Api]:
+    """`python -m api.prestart`, then uvicorn, on the embedded default plus `extra_env`."""
     var_dir = work / "var"
     var_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = clean_env(
-        {
-            "VAR_DIR": str(var_dir),
-            "ADMIN_API_KEY": ADMIN_KEY,
-            "SIGNING_SECRET": SIGNING_SECRET,
-            "MAX_UPLOAD_BYTES": str(max_upload),
-            "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-            "PORT": str(port),
-            **extra_env,
-        }
+    env = inherited_env(
+        VAR_DIR=str(var_dir),
+        ADMIN_API_KEY=ADMIN_KEY,
+        SIGNING_SECRET=SIGNING_SECRET,
+        MAX_UPLOAD_BYTES=str(max_upload),
+        PUBLIC_BASE_URL=f"http://127.0.0.1:{port}",
+        PORT=str(port),
+        **extra_env,
     )
     log = work / "api.log"
     migrate = subprocess.run(
@@ -311,22 +197,9 @@ def api_server(work: Path, extra_env: dict[str, str], max_upload: int) -> Iterat
     log.write_bytes(migrate.stdout)
     if migrate.returncode != 0:
         raise BenchError(f"python -m api.prestart failed:\n{log_tail(log)}")
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "api.main:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    with spawn(args, env, log) as proc:
+    with running(api_args(port, quiet=True), env, log) as proc:
         base_url = f"http://127.0.0.1:{port}"
-        wait_http(f"{base_url}/healthz", proc, log)
+        wait_http(f"{base_url}/healthz", proc=proc, log=log)
         yield Api(proc=proc, base_url=base_url, log=log)
 
 
@@ -349,13 +222,6 @@ def rss_bytes(pid: int) -> int:
     if kib is None:
         raise BenchError(f"cannot read VmRSS of pid {pid}")
     return kib * 1024
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` (all its threads) so far, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        fields = fh.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -527,17 +393,12 @@ def run_backend(backend: str, data: Dataset, work: Path) -> Result:
     max_upload = data.size + 16 * MIB
     with contextlib.ExitStack() as stack:
         extra: dict[str, str] = {}
-        endpoint = bucket = ""
-        moto_pid: int | None = None
+        s3: MotoS3 | None = None
+        bucket = ""
         if backend == "s3":
-            endpoint, moto_pid = stack.enter_context(moto_server(work))
-            bucket = create_bucket(endpoint)
-            extra = {
-                "STORAGE_URL": f"s3://{bucket}",
-                "S3_ENDPOINT_URL": endpoint,
-                "S3_ACCESS_KEY_ID": S3_ACCESS_KEY,
-                "S3_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-            }
+            s3 = stack.enter_context(moto_server(log=work / "moto.log"))
+            bucket = s3.new_bucket("bench")
+            extra = s3.env(bucket)
         api = stack.enter_context(api_server(work, extra, max_upload))
         timeout = httpx.Timeout(connect=10.0, read=1800.0, write=1800.0, pool=10.0)
         client = stack.enter_context(httpx.Client(base_url=api.base_url, timeout=timeout))
@@ -550,8 +411,9 @@ def run_backend(backend: str, data: Dataset, work: Path) -> Result:
         until_committed("warm-up upload", lambda: upload(client, auth, warm), expect=200, racy=401)
 
         pid = api.proc.pid
-        cpu_before = cpu_seconds(pid)
-        moto_before = cpu_seconds(moto_pid) if moto_pid else 0.0
+        cpu_before = proc_cpu(pid)
+        moto_pid = s3.pid if s3 is not None else None
+        moto_before = proc_cpu(moto_pid) if moto_pid else 0.0
         with RssSampler(pid) as sampler:
             start = time.perf_counter()
             try:
@@ -561,8 +423,8 @@ def run_backend(backend: str, data: Dataset, work: Path) -> Result:
                     f"upload failed: {type(exc).__name__}: {exc}\n{log_tail(api.log)}"
                 ) from exc
             seconds = time.perf_counter() - start
-        api_cpu = cpu_seconds(pid) - cpu_before
-        moto_cpu = cpu_seconds(moto_pid) - moto_before if moto_pid else None
+        api_cpu = proc_cpu(pid) - cpu_before
+        moto_cpu = proc_cpu(moto_pid) - moto_before if moto_pid else None
         result = Result(
             backend=backend,
             seconds=seconds,
@@ -575,8 +437,8 @@ def run_backend(backend: str, data: Dataset, work: Path) -> Result:
         try:
             body = check_response(resp, data)
             key = f"files/{tenant_id}/{body['id']}.jsonl"
-            if backend == "s3":
-                stored = s3_object_size(endpoint, bucket, key)
+            if s3 is not None:
+                stored = s3.object_size(bucket, key)
             else:
                 stored = (work / "var" / "objects" / key).stat().st_size
             if stored != data.size:
@@ -698,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"uploading through the API on {backend} ...", flush=True)
                 try:
                     result = run_backend(backend, data, work / backend)
-                except BenchError as exc:
+                except (BenchError, StackError) as exc:
                     result = Result(backend, float("nan"), size, ok=False, error=str(exc))
                 results.append(result)
                 # Free the backend's disk (the folder store's copy) before the next run.
