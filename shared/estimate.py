@@ -18,9 +18,10 @@ The parts, in bytes:
   8-bit ones store 1 byte each plus one fp32 absmax per 256-value block, but only for tensors
   of at least 4096 values (bitsandbytes' `min_8bit_size`), smaller ones stay 32-bit.
 * activations of one micro-batch of `batch_size * max_seq_length` tokens (the packed worst
-  case), counted as the tensors autograd saves per decoder layer under autocast (see
-  `_layer_activation_bytes`); with gradient checkpointing each layer's input (in the compute
-  dtype) is kept, plus one layer recomputed and its backward's gradients.
+  case; `max_tokens_per_batch` when set), counted as the tensors autograd saves per decoder
+  layer under autocast (see `_layer_activation_bytes`); with gradient checkpointing (on, or
+  "auto": the worker turns it off only where the run fits without it) each layer's input (in
+  the compute dtype) is kept, plus one layer recomputed and its backward's gradients.
 * logits: the engine's cross-entropy runs over chunks of `LOGITS_CHUNK_ELEMENTS // vocab`
   tokens under checkpointing, so only one chunk's logits exist at a time: the head's output in
   the compute dtype, log-softmax's fp32 output and the fp32 gradients (`_LOGIT_FP32_BYTES`).
@@ -321,11 +322,10 @@ def estimate_memory(
     unquantized = d * (shape.embedding_params() + shape.head_params()) + 4 * shape.norm_params()
     sizes = lora_tensor_sizes(shape, spec)
     trainable = sum(sizes)
-    sequences = spec.batch_size * (2 if spec.method == "dpo" else 1)  # DPO: chosen + rejected
-    tokens = sequences * spec.max_seq_length
+    tokens = spec.micro_batch_tokens()  # DPO: chosen + rejected; or the token budget
     h, layers = shape.hidden_size, shape.num_hidden_layers
     per_layer = _layer_activation_bytes(shape, spec, device)
-    if spec.gradient_checkpointing:
+    if spec.gradient_checkpointing is not False:  # "auto" may resolve to on: count that
         per_token = d * h * layers + per_layer + _layer_backward_bytes(shape, spec)
     else:
         per_token = per_layer * layers

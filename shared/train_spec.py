@@ -28,7 +28,8 @@ ALL_LINEAR: Final = "all-linear"
 # A module name as PEFT matches it: dotted identifiers, e.g. "q_proj" or "mlp.down_proj".
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 # Fields that may differ between a checkpoint's spec and the spec used to resume from it.
-RESUME_MUTABLE_FIELDS = frozenset({"eval_steps", "checkpoint_steps"})
+# Activation checkpointing changes memory, not the math (recomputation replays the RNG).
+RESUME_MUTABLE_FIELDS = frozenset({"eval_steps", "checkpoint_steps", "gradient_checkpointing"})
 
 
 def _check_module_names(field: str, names: list[str]) -> list[str]:
@@ -68,6 +69,15 @@ class TrainSpec(BaseModel):
         description="Optimizer steps to run; overrides num_epochs. None: derive from num_epochs.",
     )
     batch_size: int = Field(default=4, ge=1, le=1024, description="Examples per micro-batch.")
+    max_tokens_per_batch: int | None = Field(
+        default=None,
+        ge=8,
+        le=1_048_576,
+        description="Packing only: fill each packed micro-batch with examples up to this many "
+        "tokens (at least max_seq_length, so every example fits) instead of batch_size "
+        "examples; micro-batches then hold about the same tokens whatever the row lengths, "
+        "and memory is bounded by this budget. None: batch_size examples per micro-batch.",
+    )
     gradient_accumulation_steps: int = Field(
         default=4, ge=1, le=1024, description="Micro-batches per optimizer step."
     )
@@ -122,8 +132,11 @@ class TrainSpec(BaseModel):
     optimizer: OptimizerName = Field(
         default="paged_adamw_8bit", description="bitsandbytes optimizer by name, or torch AdamW."
     )
-    gradient_checkpointing: bool = Field(
-        default=True, description="Recompute activations in the backward pass to save memory."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Recompute activations in the backward pass to save memory. auto: off "
+        "when the memory estimate without it fits the training device (free RAM on a CPU, "
+        "the GPU's capacity), else on; the choice is recorded in the job's metrics.",
     )
     eval_steps: int | None = Field(
         default=None,
@@ -164,6 +177,13 @@ class TrainSpec(BaseModel):
             data.setdefault("double_quant", False)
         return data
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_choice(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError('gradient_checkpointing: true, false or "auto"')
+
     @field_validator("base_model")
     @classmethod
     def _base_model_text(cls, value: str) -> str:
@@ -187,6 +207,19 @@ class TrainSpec(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainSpec:
+        if self.max_tokens_per_batch is not None:
+            if not self.packing:
+                raise ValueError(
+                    "max_tokens_per_batch: needs packing (padded batches count examples; "
+                    "they are grouped by length instead)"
+                )
+            if self.method == "dpo":
+                raise ValueError("max_tokens_per_batch: DPO batches count preference pairs")
+            if self.max_tokens_per_batch < self.max_seq_length:
+                raise ValueError(
+                    f"max_tokens_per_batch: {self.max_tokens_per_batch} is below "
+                    f"max_seq_length ({self.max_seq_length}); every example must fit a batch"
+                )
         if self.double_quant and self.quant_type == "none":
             raise ValueError("double_quant: only applies when quant_type is nf4 or fp4")
         if isinstance(self.target_modules, list):
@@ -198,6 +231,12 @@ class TrainSpec(BaseModel):
                     "a module is either LoRA-adapted or trained in full"
                 )
         return self
+
+    def micro_batch_tokens(self) -> int:
+        """Most tokens one micro-batch of sequences can hold (DPO: chosen and rejected)."""
+        if self.max_tokens_per_batch is not None:
+            return self.max_tokens_per_batch
+        return self.batch_size * (2 if self.method == "dpo" else 1) * self.max_seq_length
 
     def effective_batch_size(self) -> int:
         """Examples per optimizer step."""

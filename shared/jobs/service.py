@@ -159,9 +159,14 @@ def build_spec(
         return spec
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
+        # The spec is flat: the field is the first part (then list indexes or union members).
+        loc = str(first["loc"][0]) if first["loc"] else ""
+        message = str(first["msg"]).removeprefix("Value error, ")
+        named, _, rest = message.partition(":")
+        if named in TrainSpec.model_fields and (not loc or named == loc):
+            loc, message = named, rest.strip()  # a rule whose message names its field
         param = f"qlora.{loc}" if loc else "qlora"
-        raise Invalid(f"{param}: {first['msg']}", param=param) from exc
+        raise Invalid(f"{param}: {message}", param=param) from exc
 
 
 def _auto_batch_size(
@@ -184,8 +189,11 @@ def _epoch_checkpoints(spec: TrainSpec, train_rows: int | None) -> TrainSpec:
     find some. Steps per epoch are counted from the file's rows (`ceil(rows / (batch_size *
     gradient_accumulation_steps))`), so a row the template splits into several sequences, or
     rows held out for validation, move them off the exact epoch boundary by a few steps. Runs
-    bounded by `max_steps`, and one-epoch runs, keep the default."""
+    bounded by `max_steps`, one-epoch runs, and token-budget batches (`max_tokens_per_batch`:
+    an epoch's step count depends on the token lengths, unknown here) keep the default."""
     if spec.max_steps is not None or spec.num_epochs < 2 or not train_rows:
+        return spec
+    if spec.max_tokens_per_batch is not None:  # epoch boundaries depend on token lengths
         return spec
     per_epoch = -(-train_rows // (spec.batch_size * spec.gradient_accumulation_steps))
     if spec.checkpoint_steps is not None and spec.checkpoint_steps <= per_epoch:

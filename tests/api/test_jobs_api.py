@@ -128,6 +128,24 @@ def test_submit_returns_an_openai_job_and_writes_one_outbox_row(stack: Stack, te
         ({"qlora": {"learning_rate": -1}}, 400, "qlora.learning_rate", "invalid_value"),
         ({"qlora": {"bogus": 1}}, 400, "qlora.bogus", "invalid_value"),
         ({"qlora": {"base_model": "x"}}, 400, "qlora.base_model", "invalid_value"),
+        (
+            {"qlora": {"max_tokens_per_batch": 64, "max_seq_length": 256}},
+            400,
+            "qlora.max_tokens_per_batch",
+            "invalid_value",
+        ),
+        (
+            {"qlora": {"max_tokens_per_batch": 4096, "packing": False}},
+            400,
+            "qlora.max_tokens_per_batch",
+            "invalid_value",
+        ),
+        (
+            {"qlora": {"gradient_checkpointing": "maybe"}},
+            400,
+            "qlora.gradient_checkpointing",
+            "invalid_value",
+        ),
         ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs", "invalid_value"),
         (
             {

@@ -50,6 +50,9 @@ def test_job_succeeds_and_its_adapter_reproduces_the_recorded_eval_loss(
         adapter = c.get(f"/v1/adapters/{job['adapter_id']}").json()
         assert adapter["name"] == job["fine_tuned_model"]
         assert adapter["metrics"]["eval_loss_after"] < adapter["metrics"]["eval_loss_before"]
+        # "auto" activation checkpointing: the tiny run fits the worker's RAM, so it is off
+        assert adapter["metrics"]["gradient_checkpointing"] is False
+        assert adapter["metrics"]["gradient_checkpointing_reason"].startswith("auto: the run fits")
         models = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert models == ["tiny-llama", job["fine_tuned_model"]]
         archive = c.get(f"/v1/adapters/{job['adapter_id']}/download")

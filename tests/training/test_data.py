@@ -132,6 +132,26 @@ def test_padded_batches_are_length_grouped() -> None:
     assert sorted(i for b in batches for i in b) == list(range(64))
 
 
+def test_token_budget_batches_fill_to_the_budget_in_the_seeded_order() -> None:
+    lengths = [(i * 37) % 100 + 1 for i in range(200)]
+    budget = 256
+    batches = epoch_batches(lengths, 4, seed=0, epoch=0, packing=True, max_tokens=budget)
+    order = [i for b in batches for i in b]
+    assert sorted(order) == list(range(200))  # every example once
+    sizes = [sum(lengths[i] for i in b) for b in batches]
+    assert max(sizes) <= budget
+    # a batch closes only when the next example would overflow it
+    pairs = zip(sizes[:-1], batches[1:], strict=True)
+    assert all(size + lengths[nxt[0]] > budget for size, nxt in pairs)
+    # the order is the seeded permutation's, the same as the example-count batches'
+    assert order == [i for b in epoch_batches(lengths, 4, seed=0, epoch=0, packing=True) for i in b]
+    # full batches: on average far more than batch_size examples of these lengths
+    assert sum(sizes[:-1]) / (len(sizes) - 1) > 0.8 * budget
+    assert epoch_batches(lengths, 4, seed=0, epoch=1, packing=True, max_tokens=budget) != batches
+    with pytest.raises(ValueError, match="exceeds max_tokens_per_batch"):
+        epoch_batches([300], 4, seed=0, epoch=0, packing=True, max_tokens=budget)
+
+
 def test_validation_split_is_seeded_and_disjoint() -> None:
     rows = [{"text": str(i)} for i in range(100)]
     train, val = split_rows(rows, 0.1, seed=5)

@@ -189,3 +189,14 @@ def test_tiny_model_measured_footprint(tmp_path: Path) -> None:
                     add(t)
     measured = sum(storages.values())
     assert measured == pytest.approx(estimate.static_bytes(), rel=0.05)
+
+
+def test_a_token_budget_bounds_the_activations() -> None:
+    small = estimate_memory(LLAMA2_7B, spec(batch_size=64, max_seq_length=2048))
+    budget = estimate_memory(
+        LLAMA2_7B, spec(batch_size=64, max_seq_length=2048, max_tokens_per_batch=8192)
+    )
+    assert budget.activation_bytes * 16 == small.activation_bytes  # 8192 of 131072 tokens
+    auto = estimate_memory(LLAMA2_7B, spec(gradient_checkpointing="auto"))
+    on = estimate_memory(LLAMA2_7B, spec(gradient_checkpointing=True))
+    assert auto.total_bytes == on.total_bytes  # "auto" is planned as on (the worker may drop it)

@@ -69,6 +69,10 @@ def test_nonsense_is_refused_naming_the_field(override: dict[str, Any], field: s
         ({"quant_type": "none", "double_quant": True}, "double_quant"),
         ({"target_modules": ["lm_head"], "modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"eval_steps": 0}, "eval_steps"),
+        ({"max_tokens_per_batch": 4096, "packing": False}, "max_tokens_per_batch: needs packing"),
+        ({"max_tokens_per_batch": 1024, "max_seq_length": 2048}, "below max_seq_length"),
+        ({"max_tokens_per_batch": 4096, "method": "dpo"}, "DPO batches count"),
+        ({"gradient_checkpointing": "sometimes"}, "gradient_checkpointing"),
     ],
 )
 def test_cross_field_nonsense_is_refused(override: dict[str, Any], field: str) -> None:
@@ -80,3 +84,14 @@ def test_spec_module_does_not_import_torch() -> None:
     code = "import sys, shared.train_spec, shared.estimate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_token_budget_and_checkpointing_defaults() -> None:
+    spec = TrainSpec(base_model="m", max_seq_length=512, batch_size=4)
+    assert spec.gradient_checkpointing == "auto" and spec.max_tokens_per_batch is None
+    assert spec.micro_batch_tokens() == 4 * 512
+    budget = spec.model_copy(update={"max_tokens_per_batch": 8192})
+    assert budget.micro_batch_tokens() == 8192
+    assert TrainSpec(base_model="m", method="dpo", max_seq_length=512).micro_batch_tokens() == (
+        2 * 4 * 512
+    )

@@ -250,17 +250,27 @@ def split_rows(
 
 
 def epoch_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *, packing: bool
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    packing: bool,
+    max_tokens: int | None = None,
 ) -> list[list[int]]:
     """Example indices of every micro-batch of `epoch`, a pure function of its arguments.
 
-    Packed batches are consecutive chunks of a seeded permutation. Padded batches are
+    Packed batches are consecutive chunks of a seeded permutation: `batch_size` examples, or
+    with `max_tokens` as many as fit that many tokens (a batch closes when the next example
+    would overflow it; every example is at most `max_tokens` long). Padded batches are
     length-grouped: windows of `LENGTH_GROUP_BATCHES` batches are sorted by length before
     chunking (so a batch pads little), then the batch order is shuffled.
     """
     rng = random.Random(f"data-order:{seed}:{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    if packing and max_tokens is not None:
+        return token_budget_batches(order, lengths, max_tokens)
     if packing:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     window = batch_size * LENGTH_GROUP_BATCHES
@@ -269,6 +279,27 @@ def epoch_batches(
         group = sorted(order[start : start + window], key=lambda i: -lengths[i])
         batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
     rng.shuffle(batches)
+    return batches
+
+
+def token_budget_batches(
+    order: Sequence[int], lengths: Sequence[int], max_tokens: int
+) -> list[list[int]]:
+    """Consecutive runs of `order` holding at most `max_tokens` tokens each (greedy, in
+    order, so the data order stays the seeded permutation's)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for i in order:
+        if lengths[i] > max_tokens:
+            raise ValueError(f"an example of {lengths[i]} tokens exceeds max_tokens_per_batch")
+        if current and filled + lengths[i] > max_tokens:
+            batches.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += lengths[i]
+    if current:
+        batches.append(current)
     return batches
 
 

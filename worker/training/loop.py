@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from worker.training.data import (
     read_rows,
     split_rows,
     steps_per_epoch,
+    token_budget_batches,
     tokenize_rows,
 )
 from worker.training.hooks import EvalMetrics, StepMetrics, StopRequest, TrainHooks, TrainResult
@@ -35,6 +37,7 @@ from worker.training.model import (
     batch_loss,
     build_optimizer,
     build_scheduler,
+    choose_checkpointing,
     evaluate_batches,
     grad_scaler,
     load_base_model,
@@ -89,11 +92,18 @@ def prepare_data(
     if not train_split.examples:
         raise DataError(f"{dataset_path}: no row has a trainable token within max_seq_length")
     examples = val_split.examples
-    eval_batches = [
-        collate(
-            examples[i : i + spec.batch_size], packing=spec.packing, pad_id=tokenizer.pad_token_id
+    if spec.max_tokens_per_batch is not None:  # evaluation batches fill the same token budget
+        groups = token_budget_batches(
+            range(len(examples)), [len(e) for e in examples], spec.max_tokens_per_batch
         )
-        for i in range(0, len(examples), spec.batch_size)
+    else:
+        groups = [
+            list(range(i, min(i + spec.batch_size, len(examples))))
+            for i in range(0, len(examples), spec.batch_size)
+        ]
+    eval_batches = [
+        collate([examples[i] for i in ids], packing=spec.packing, pad_id=tokenizer.pad_token_id)
+        for ids in groups
     ]
     return PreparedData(train_split, val_split, eval_batches)
 
@@ -127,8 +137,15 @@ class _Run:
         self.fingerprint = dataset_fingerprint(dataset_path, validation_path)
         self.dtype = resolve_compute_dtype(spec.compute_dtype, self.device)
         log.info("compute dtype: %s (spec: %s)", DTYPE_NAMES[self.dtype], spec.compute_dtype)
+        self.checkpointing = choose_checkpointing(spec, model_path, self.device, self.dtype)
+        log.info(
+            "gradient checkpointing %s (%s)",
+            "on" if self.checkpointing.enabled else "off",
+            self.checkpointing.reason,
+        )
+        resolved = spec.model_copy(update={"gradient_checkpointing": self.checkpointing.enabled})
         self.model: PeftModel = attach_lora(
-            load_base_model(spec, model_path, self.device, self.dtype), spec
+            load_base_model(resolved, model_path, self.device, self.dtype), resolved
         )
         self.scaler = grad_scaler(self.device, self.dtype)  # fp16 only; else a no-op
         self.last_step_accuracy: float | None = None
@@ -141,15 +158,11 @@ class _Run:
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, spec)
-        n_train = len(self.data.train.examples)
-        self.steps_per_epoch = steps_per_epoch(
-            n_train, spec.batch_size, spec.gradient_accumulation_steps
-        )
-        self.total_steps = spec.max_steps or self.steps_per_epoch * spec.num_epochs
-        self.scheduler = build_scheduler(self.optimizer, spec, self.total_steps)
         self.lengths = [len(e) for e in self.data.train.examples]
-        self.state = RunState()
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.steps_per_epoch, self.total_steps = self._plan_steps()
+        self.scheduler = build_scheduler(self.optimizer, spec, self.total_steps)
+        self.state = RunState()
         self.last_checkpoint: Path | None = None
 
     # -- resume -------------------------------------------------------------------------
@@ -177,6 +190,17 @@ class _Run:
     def _collate(self, examples: list[Example]) -> Batch:
         return collate(examples, packing=self.spec.packing, pad_id=self.pad_id)
 
+    def _plan_steps(self) -> tuple[int, int]:
+        """(steps of the first epoch, steps of the run). With a token budget an epoch's
+        micro-batch count depends on its order, so each epoch of the run is planned."""
+        spec, accumulation = self.spec, self.spec.gradient_accumulation_steps
+        if spec.max_tokens_per_batch is None:
+            per_epoch = steps_per_epoch(len(self.lengths), spec.batch_size, accumulation)
+            return per_epoch, spec.max_steps or per_epoch * spec.num_epochs
+        epochs = 1 if spec.max_steps else spec.num_epochs
+        counts = [math.ceil(len(self._epoch(e)) / accumulation) for e in range(epochs)]
+        return counts[0], spec.max_steps or sum(counts)
+
     def _epoch(self, epoch: int) -> list[list[int]]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             batches = epoch_batches(
@@ -185,6 +209,7 @@ class _Run:
                 self.spec.seed,
                 epoch,
                 packing=self.spec.packing,
+                max_tokens=self.spec.max_tokens_per_batch,
             )
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1]
@@ -225,8 +250,15 @@ class _Run:
         grad_norm, lr = self.apply_update()
         accuracy = correct / n_targets if n_targets else 0.0
         self.last_step_accuracy = accuracy
+        tokens = sum(b.real_tokens for b in window)
         self.state.history.append(
-            {"step": self.state.step, "loss": loss_value, "lr": lr, "accuracy": accuracy}
+            {
+                "step": self.state.step,
+                "loss": loss_value,
+                "lr": lr,
+                "accuracy": accuracy,
+                "tokens": tokens,
+            }
         )
         return loss_value, grad_norm, lr
 
@@ -311,6 +343,8 @@ class _Run:
             "total_params": self.total_params,
             "device": str(self.device),
             "compute_dtype": DTYPE_NAMES[self.dtype],
+            "gradient_checkpointing": self.checkpointing.enabled,
+            "gradient_checkpointing_reason": self.checkpointing.reason,
             "skipped_steps": s.skipped_steps,
             "train_mean_token_accuracy": s.history[-1].get("accuracy") if s.history else None,
             "valid_mean_token_accuracy": s.evals[-1].get("eval_accuracy") if s.evals else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import time
@@ -25,6 +26,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from shared.estimate import GIB, estimate_memory, usable_bytes
 from shared.train_spec import ALL_LINEAR, TrainSpec
 from worker.training.attention import PACKED_ATTENTION, check_packing_supported
 from worker.training.data import IGNORE_INDEX, Batch
@@ -173,6 +175,57 @@ def load_base_model(
             module.support_avx512bf16_for_cpu = False
             module.register_forward_pre_hook(_autocast_input)
     return model
+
+
+@dataclass(frozen=True)
+class CheckpointingChoice:
+    """Whether the run recomputes activations, and why (recorded in the job's metrics)."""
+
+    enabled: bool
+    reason: str
+
+
+# The share of the free RAM a CPU run may plan to fill without activation checkpointing.
+CPU_MEMORY_SHARE = 0.8
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """What a run may plan to allocate: a GPU's usable capacity (as the estimator's GPU
+    classes count it), or a share of the RAM the kernel reports available now."""
+    if device.type == "cuda":
+        return usable_bytes(torch.cuda.get_device_properties(device).total_memory)
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(CPU_MEMORY_SHARE * int(line.split()[1]) * 1024)
+    return int(CPU_MEMORY_SHARE * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def choose_checkpointing(
+    spec: TrainSpec, model_path: Path, device: torch.device, dtype: torch.dtype
+) -> CheckpointingChoice:
+    """`gradient_checkpointing: "auto"`: off when the memory estimate of the run without it
+    (in the dtype it will really compute in) fits `device_memory_bytes`, else on. Recomputing
+    costs about a third more compute, so it is paid only where the activations would not fit.
+    A model the estimator cannot read keeps it on."""
+    if spec.gradient_checkpointing != "auto":
+        return CheckpointingChoice(bool(spec.gradient_checkpointing), "set in the spec")
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+        without = estimate_memory(
+            config,
+            spec.model_copy(
+                update={"gradient_checkpointing": False, "compute_dtype": DTYPE_NAMES[dtype]}
+            ),
+            device=device.type,
+        )
+    except (OSError, ValueError, TypeError, KeyError):
+        return CheckpointingChoice(True, "auto: no memory estimate for this model")
+    room = device_memory_bytes(device)
+    need = f"{without.total_bytes / GIB:.2f} GiB without it"
+    if without.total_bytes <= room:
+        return CheckpointingChoice(False, f"auto: the run fits ({need}, {room / GIB:.1f} GiB free)")
+    return CheckpointingChoice(True, f"auto: the run would not fit ({need}, {room / GIB:.1f} GiB)")
 
 
 def _autocast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
