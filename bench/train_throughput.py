@@ -20,7 +20,8 @@ same invocation with a large `torch.matmul`. Sides alternate; each side runs `--
 and the table shows min / median / max.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_throughput.py \
-        [--models small,base] [--steps 8] [--repeats 3] [--sides engine,trl_sft,...]
+        [--models small,base] [--steps 8] [--repeats 3] [--sides engine,trl_sft,...] \
+        [--checkpointing on|off]
 
 `small` is a 26M-parameter LLaMA (hidden 512, 8 layers), `base` a 158M one (hidden 1024,
 12 layers, intermediate 2816). TRL and `datasets` are benchmark extras (`pip install trl`),
@@ -119,12 +120,14 @@ def load_nf4(model_dir: Path) -> Any:
     )
 
 
-def peft_model(model_dir: Path) -> Any:
+def peft_model(model_dir: Path, checkpointing: bool) -> Any:
     """The standard QLoRA preparation shared by the Trainer and TRL sides."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-        load_nf4(model_dir), gradient_checkpointing_kwargs={"use_reentrant": False}
+        load_nf4(model_dir),
+        use_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     return get_peft_model(
         model,
@@ -195,7 +198,7 @@ def run_engine(model_dir: Path, data: Path, out: Path, args: argparse.Namespace)
         alpha=h["alpha"],
         dropout=h["dropout"],
         optimizer="paged_adamw_8bit",
-        gradient_checkpointing=True,
+        gradient_checkpointing=args.checkpointing == "on",
         validation_fraction=0.0,
         checkpoint_steps=None,
         seed=h["seed"],
@@ -259,7 +262,7 @@ def common_args(args: argparse.Namespace) -> dict[str, Any]:
         "learning_rate": h["learning_rate"],
         "lr_scheduler_type": "constant",
         "optim": "paged_adamw_8bit",
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": args.checkpointing == "on",
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "logging_steps": 1000,
         "save_strategy": "no",
@@ -289,7 +292,7 @@ def run_trl(
         **common_args(args),
     )
     trainer = SFTTrainer(
-        model=peft_model(model_dir),
+        model=peft_model(model_dir, args.checkpointing == "on"),
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
@@ -335,7 +338,7 @@ def run_trainer_grouped(
         **common_args(args),
     )
     trainer = Trainer(
-        model=peft_model(model_dir),
+        model=peft_model(model_dir, args.checkpointing == "on"),
         args=training_args,
         train_dataset=Dataset.from_list(features),
         data_collator=collate,
@@ -427,6 +430,8 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
                 str(args.steps),
                 "--batch-size",
                 str(args.batch_size),
+                "--checkpointing",
+                args.checkpointing,
             ]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -446,7 +451,8 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
     print(
         f"\nmodel {name}: LLaMA {n_params / 1e6:.1f}M params, NF4 + double quant, LoRA r=16 "
         f"all-linear, paged_adamw_8bit, fp32 compute, {args.steps} steps x batch "
-        f"{args.batch_size}, {args.repeats} runs per side (min / median / max)"
+        f"{args.batch_size}, activation checkpointing {args.checkpointing} (every side), "
+        f"{args.repeats} runs per side (min / median / max)"
     )
     print("| side | non-pad tokens/s | tokens/CPU-s | padding | peak RSS MiB | eval loss | MFU |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -476,6 +482,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="activation checkpointing for every side (on: the standard QLoRA recipe; off: "
+        "what the engine's 'auto' picks where the activations fit, as on this CPU)",
+    )
     parser.add_argument("--child", choices=SIDES)
     parser.add_argument("--model")
     parser.add_argument("--data")
