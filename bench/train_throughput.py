@@ -21,7 +21,7 @@ and the table shows min / median / max.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_throughput.py \
         [--models small,base] [--steps 8] [--repeats 3] [--sides engine,trl_sft,...] \
-        [--checkpointing on|off]
+        [--checkpointing on|off|engine=off,trl_sft=on,...]
 
 `small` is a 26M-parameter LLaMA (hidden 512, 8 layers), `base` a 158M one (hidden 1024,
 12 layers, intermediate 2816). TRL and `datasets` are benchmark extras (`pip install trl`),
@@ -399,6 +399,14 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(lo)} / {fmt.format(mid)} / {fmt.format(hi)}"
 
 
+def checkpointing_for(setting: str, side: str) -> str:
+    """`on` or `off` for every side, or a comma list of `side=on|off` (unlisted: off)."""
+    if setting in ("on", "off"):
+        return setting
+    chosen = dict(item.split("=", 1) for item in setting.split(",") if item)
+    return chosen.get(side, "off")
+
+
 def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> None:
     from worker.training.tiny import build_tiny_model
 
@@ -431,7 +439,7 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
                 "--batch-size",
                 str(args.batch_size),
                 "--checkpointing",
-                args.checkpointing,
+                checkpointing_for(args.checkpointing, side),
             ]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -451,7 +459,7 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
     print(
         f"\nmodel {name}: LLaMA {n_params / 1e6:.1f}M params, NF4 + double quant, LoRA r=16 "
         f"all-linear, paged_adamw_8bit, fp32 compute, {args.steps} steps x batch "
-        f"{args.batch_size}, activation checkpointing {args.checkpointing} (every side), "
+        f"{args.batch_size}, activation checkpointing: {args.checkpointing}, "
         f"{args.repeats} runs per side (min / median / max)"
     )
     print("| side | non-pad tokens/s | tokens/CPU-s | padding | peak RSS MiB | eval loss | MFU |")
@@ -484,10 +492,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--checkpointing",
-        choices=("on", "off"),
         default="on",
-        help="activation checkpointing for every side (on: the standard QLoRA recipe; off: "
-        "what the engine's 'auto' picks where the activations fit, as on this CPU)",
+        help="activation checkpointing: on or off for every side (on: the standard QLoRA "
+        "recipe; off: what the engine's 'auto' picks where the activations fit, as on this "
+        "CPU), or per side, e.g. engine=off,trl_sft=on (unlisted sides: off)",
     )
     parser.add_argument("--child", choices=SIDES)
     parser.add_argument("--model")
@@ -498,6 +506,10 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    for item in args.checkpointing.split(","):
+        side, _, value = item.rpartition("=")
+        if value not in ("on", "off") or (side and side not in SIDES):
+            sys.exit(f"--checkpointing: {item!r} is not on, off or side=on|off")
     args.sides = [s for s in args.sides.split(",") if s]
     unknown = set(args.sides) - set(SIDES)
     if unknown:

@@ -254,11 +254,11 @@ def optimizer_state_bytes(tensor_sizes: list[int], optimizer: str) -> int:
     return total
 
 
-def _lora_input_bytes(shape: ModelShape, spec: TrainSpec, device: str) -> int:
+def _lora_input_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     """Per token and layer: what the LoRA branches save of their inputs.
 
     PEFT casts a LoRA branch's input to its fp32 weights' dtype, then dropout keeps its mask
-    (a bool per element on CUDA; on the CPU a float noise tensor of the fp32 input) and A
+    (a bool per element: CUDA's fused dropout, and the engine's `CpuDropout` on the CPU) and A
     keeps the dropped input: in fp32, or under autocast its compute-dtype copy (one per
     branch). In fp32 without dropout A keeps its input itself, which q/k/v share (and gate/up),
     and o_proj's is the attention output already counted.
@@ -268,8 +268,7 @@ def _lora_input_bytes(shape: ModelShape, spec: TrainSpec, device: str) -> int:
     targets = lora_targets(shape, spec.target_modules)
     fan_in = sum(shapes[name][0] for name in targets)
     if spec.dropout > 0:
-        mask = 1 if device == "cuda" else 4
-        return (mask + d) * fan_in
+        return (1 + d) * fan_in
     if d != 4:
         return d * fan_in
     h, i = shape.hidden_size, shape.intermediate_size
@@ -278,7 +277,7 @@ def _lora_input_bytes(shape: ModelShape, spec: TrainSpec, device: str) -> int:
     return 4 * (shared + i * ("down_proj" in targets))
 
 
-def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec, device: str = "cuda") -> int:
+def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     """Bytes autograd saves per token in one decoder layer under autocast (sdpa / flash
     attention: no s*s scores), as measured tensor by tensor on the engine's path.
 
@@ -296,7 +295,7 @@ def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec, device: str = "c
     attention = d * (q + 2 * kv + q) + 4 * shape.num_attention_heads
     mlp = 3 * d * i
     lora = d * spec.rank * len(lora_targets(shape, spec.target_modules))
-    return norms + attention + mlp + lora + _lora_input_bytes(shape, spec, device)
+    return norms + attention + mlp + lora + _lora_input_bytes(shape, spec)
 
 
 def _layer_backward_bytes(shape: ModelShape, spec: TrainSpec) -> int:
@@ -306,14 +305,12 @@ def _layer_backward_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     return 2 * compute_bytes(spec.compute_dtype) * shape.hidden_size
 
 
-def estimate_memory(
-    config: Mapping[str, Any] | ModelShape, spec: TrainSpec, *, device: str = "cuda"
-) -> MemoryEstimate:
+def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> MemoryEstimate:
     """Estimate the peak memory of training `spec` on the model described by `config`.
 
-    `device` "cuda" (the default: GPU classes) or "cpu" changes only what kernels keep (the
-    dropout mask is a bool on CUDA, a float tensor on the CPU). "auto" compute dtype counts as
-    2 bytes (what it resolves to on a GPU); give the CPU's resolved dtype explicitly.
+    The same on a GPU and on the CPU (both keep a bool per element as LoRA dropout's mask).
+    "auto" compute dtype counts as 2 bytes (what it resolves to on a GPU); give the CPU's
+    resolved dtype explicitly.
     """
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     d = compute_bytes(spec.compute_dtype)
@@ -324,7 +321,7 @@ def estimate_memory(
     trainable = sum(sizes)
     tokens = spec.micro_batch_tokens()  # DPO: chosen + rejected; or the token budget
     h, layers = shape.hidden_size, shape.num_hidden_layers
-    per_layer = _layer_activation_bytes(shape, spec, device)
+    per_layer = _layer_activation_bytes(shape, spec)
     if spec.gradient_checkpointing is not False:  # "auto" may resolve to on: count that
         per_token = d * h * layers + per_layer + _layer_backward_bytes(shape, spec)
     else:

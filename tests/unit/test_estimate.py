@@ -141,8 +141,8 @@ def test_tiny_model_measured_footprint(tmp_path: Path) -> None:
         gradient_checkpointing=False,
         dropout=0.05,
     )
-    # measured on the CPU, whose dropout keeps a float mask (a bool on CUDA)
-    estimate = estimate_memory(json.loads((path / "config.json").read_text()), s, device="cpu")
+    # measured on the CPU, where the engine's CpuDropout keeps a bool mask (as CUDA does)
+    estimate = estimate_memory(json.loads((path / "config.json").read_text()), s)
 
     model = attach_lora(load_base_model(s, path, torch.device("cpu")), s)
     params = [p for p in model.parameters() if p.requires_grad]

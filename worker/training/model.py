@@ -217,7 +217,6 @@ def choose_checkpointing(
             spec.model_copy(
                 update={"gradient_checkpointing": False, "compute_dtype": DTYPE_NAMES[dtype]}
             ),
-            device=device.type,
         )
     except (OSError, ValueError, TypeError, KeyError):
         return CheckpointingChoice(True, "auto: no memory estimate for this model")
@@ -261,7 +260,7 @@ def prepare_for_training(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedM
     for module in model.modules():
         if _is_norm(module):
             module.float()
-    if spec.gradient_checkpointing:
+    if spec.gradient_checkpointing is not False:  # "auto" left unresolved: on, as planned
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -321,7 +320,64 @@ def attach_lora(model: PreTrainedModel, spec: TrainSpec) -> PeftModel:
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    if next(peft_model.parameters()).device.type == "cpu":
+        use_cpu_dropout(peft_model)
     return peft_model
+
+
+# Dropout masks on the CPU are drawn as 15-bit integers (torch's int16 `random_()` covers
+# [0, 2**15)) and compared with a threshold: about twice as cheap as torch's per-element float
+# Bernoulli draws, which took a fifth of a CPU training step (BENCHMARKS.md).
+_MASK_LEVELS = 1 << 15
+
+
+class _KeepScale(torch.autograd.Function):
+    """y = where(keep, x, 0) * scale; saves only the bool mask for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+
+
+class CpuDropout(nn.Dropout):
+    """LoRA's input dropout for CPU training: inverted dropout as `nn.Dropout` computes it
+    (each element kept with probability 1 - p and scaled by 1 / (1 - p)), with the mask drawn
+    as 15-bit integers against a threshold instead of float Bernoulli draws, and kept as one
+    bool per element instead of a 4-byte float. The drop rate is p rounded to a multiple of
+    2**-15 (at most 1.5e-5 off) and the scale uses that rounded rate, so the expectation of
+    the output stays exactly the input. Elsewhere (CUDA, eval, p outside the grid) it is
+    `nn.Dropout`. Draws come from torch's default generator: seeded runs and exact resume
+    stay exact."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = round(self.p * _MASK_LEVELS)
+        if not self.training or x.device.type != "cpu" or not 0 < drop < _MASK_LEVELS:
+            return super().forward(x)
+        keep = torch.empty(x.shape, dtype=torch.int16).random_() >= drop
+        result: torch.Tensor = _KeepScale.apply(x, keep, _MASK_LEVELS / (_MASK_LEVELS - drop))
+        return result
+
+
+def use_cpu_dropout(model: nn.Module) -> int:
+    """Swap every LoRA dropout of a model trained on the CPU for `CpuDropout`; returns how
+    many. PEFT keeps them in `lora_dropout` ModuleDicts, one per adapted layer."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name, dropout in list(dropouts.items()):
+            if type(dropout) is nn.Dropout and dropout.p > 0:
+                dropouts[name] = CpuDropout(dropout.p)
+                swapped += 1
+    return swapped
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
