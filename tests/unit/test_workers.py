@@ -138,15 +138,15 @@ def test_explicit_queues_are_kept_as_given_and_auto_can_join_them(tmp_path: Path
     assert workers.resolve_queues(mixed, "cpu", 24 * GIB) == ["gpu-80g", "cpu", "gpu-24g"]
 
 
-def test_capacity_is_ram_on_a_cpu_box_unless_declared(tmp_path: Path) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("with CUDA, capacity is the GPU's VRAM, not RAM; this checks the CPU path")
+def test_capacity_is_ram_on_a_cpu_box_unless_declared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers, "_cuda_capacity", lambda: None)  # the CPU path, GPU or not
     assert workers.detect_capacity(settings_for(tmp_path)) == ("cpu", workers.total_ram_bytes())
     declared = settings_for(tmp_path, worker_memory_bytes=24 * GIB)
     assert workers.detect_capacity(declared) == ("cpu", 24 * GIB)
     assert workers.total_ram_bytes() > GIB
+    assert 0 < workers.available_ram_bytes() <= workers.total_ram_bytes()
 
 
 # --- the fleet table -------------------------------------------------------------------------

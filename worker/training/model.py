@@ -28,6 +28,7 @@ from transformers import (
 
 from shared.estimate import GIB, estimate_memory, usable_bytes
 from shared.train_spec import ALL_LINEAR, TrainSpec
+from shared.workers import available_ram_bytes
 from worker.training.attention import PACKED_ATTENTION, check_packing_supported
 from worker.training.data import IGNORE_INDEX, Batch
 from worker.training.hooks import SpecError
@@ -194,11 +195,7 @@ def device_memory_bytes(device: torch.device) -> int:
     classes count it), or a share of the RAM the kernel reports available now."""
     if device.type == "cuda":
         return usable_bytes(torch.cuda.get_device_properties(device).total_memory)
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(CPU_MEMORY_SHARE * int(line.split()[1]) * 1024)
-    return int(CPU_MEMORY_SHARE * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(CPU_MEMORY_SHARE * available_ram_bytes())
 
 
 def choose_checkpointing(

@@ -1,0 +1,59 @@
+"""Where a training side spends its CPU time: `torch.profiler` over one side of
+`bench/train_throughput.py` (same model, rows and hyperparameters), top ops by self CPU time.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/profile_train.py \
+        [--side engine|trainer_grouped|trl_sft|trl_packed] [--model small|base] [--steps 8] \
+        [--checkpointing off|on]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench import train_throughput as tt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--side", choices=tt.SIDES, default="engine")
+    parser.add_argument("--model", choices=sorted(tt.MODELS), default="small")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--checkpointing", choices=("on", "off"), default="off")
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from worker.training.tiny import build_tiny_model
+
+    runners = {
+        "engine": tt.run_engine,
+        "trl_sft": lambda *a: tt.run_trl(*a, packing=False),
+        "trl_packed": lambda *a: tt.run_trl(*a, packing=True),
+        "trainer_grouped": tt.run_trainer_grouped,
+    }
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = build_tiny_model(tmp / "model", **tt.MODELS[args.model])
+        data = tmp / "train.jsonl"
+        rows = tt.make_rows(args.rows, seed=0)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.monotonic()
+            result = runners[args.side](model_dir, data, tmp / "out", args)
+            wall = time.monotonic() - start
+    print(
+        f"{args.side} on {args.model}: {result['real_tokens']} real tokens, "
+        f"{result['tokens_per_s']:.1f} tokens/s, {wall:.1f} s with the model load"
+    )
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+
+if __name__ == "__main__":
+    main()
