@@ -3,7 +3,8 @@
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/profile_train.py \
         [--side engine|trainer_grouped|trl_sft|trl_packed] [--model small|base] [--steps 8] \
-        [--checkpointing off|on]
+        [--checkpointing off|on] [--dtype float32|bfloat16] [--vocab bytes|32000] \
+        [--engine-tokens 4096]
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--checkpointing", choices=("on", "off"), default="off")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--vocab", default="bytes")
+    parser.add_argument("--engine-tokens", type=int, default=0)
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
-
-    from worker.training.tiny import build_tiny_model
 
     runners = {
         "engine": tt.run_engine,
@@ -40,9 +42,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = build_tiny_model(tmp / "model", **tt.MODELS[args.model])
+        model_dir, rows, _ = tt.build_bed(args.model, tmp, args.vocab, args.rows)
         data = tmp / "train.jsonl"
-        rows = tt.make_rows(args.rows, seed=0)
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.monotonic()

@@ -87,6 +87,87 @@ def make_rows(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+def lexicon(n: int, rng: random.Random) -> list[str]:
+    """`n` distinct pseudo-words of one to four consonant-vowel syllables."""
+    consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
+    words: set[str] = set()
+    while len(words) < n:
+        words.add(
+            "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(1, 4)))
+        )
+    return sorted(words)
+
+
+class WordText:
+    """Text drawn from a Zipf-distributed lexicon of pseudo-words, like natural language:
+    what a BPE tokenizer with a real model's vocabulary (32,000 for Llama-2, Mistral and
+    Phi-3) is trained on, and what the benchmark's rows are written in."""
+
+    def __init__(self, seed: int, size: int = 60_000) -> None:
+        self.rng = random.Random(seed)
+        self.words = lexicon(size, self.rng)
+        self.rng.shuffle(self.words)
+        weights = [1.0 / (rank + 2.7) for rank in range(size)]
+        total, self.cum = 0.0, []
+        for w in weights:
+            total += w
+            self.cum.append(total)
+
+    def sample(self, k: int) -> list[str]:
+        return self.rng.choices(self.words, cum_weights=self.cum, k=k)
+
+    def corpus(self, lines: int, words_per_line: int = 100) -> list[str]:
+        return [" ".join(self.sample(words_per_line)) for _ in range(lines)]
+
+    def rows(self, n: int) -> list[dict[str, str]]:
+        """Prompts of 8-240 words; the completion repeats the prompt's last 2-120 words
+        reversed (about a third of the tokens), so there is something to learn. It starts with
+        a space: the text is prompt + completion, and tokenizing the two apart or together
+        gives the same tokens."""
+        out = []
+        for _ in range(n):
+            prompt = self.sample(self.rng.randint(8, 240))
+            tail = prompt[-self.rng.randint(2, min(120, len(prompt))) :]
+            out.append({"prompt": " ".join(prompt), "completion": " " + " ".join(reversed(tail))})
+        return out
+
+
+def bpe_tokenizer(corpus: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 style) trained on `corpus` to
+    `vocab_size` tokens, with the tiny model's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from worker.training.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, ROLE_TOKENS
+
+    specials = [BOS, EOS, PAD, *ROLE_TOKENS]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(  # type: ignore[call-arg]
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(  # type: ignore[call-arg]
+        single=f"{BOS} $A", special_tokens=[(BOS, backend.token_to_id(BOS))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def hyper(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "batch_size": args.batch_size,
@@ -103,29 +184,32 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def load_nf4(model_dir: Path) -> Any:
+def load_nf4(model_dir: Path, dtype: str = "float32") -> Any:
+    """The standard QLoRA load: NF4 + double quant, computing in `dtype`, unquantized weights
+    in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    torch_dtype = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=torch_dtype,
         ),
-        dtype=torch.float32,
+        dtype=torch_dtype,
         device_map={"": "cpu"},
     )
 
 
-def peft_model(model_dir: Path, checkpointing: bool) -> Any:
+def peft_model(model_dir: Path, checkpointing: bool, dtype: str) -> Any:
     """The standard QLoRA preparation shared by the Trainer and TRL sides."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-        load_nf4(model_dir),
+        load_nf4(model_dir, dtype),
         use_gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
@@ -186,12 +270,13 @@ def run_engine(model_dir: Path, data: Path, out: Path, args: argparse.Namespace)
         base_model=str(model_dir),
         max_seq_length=MAX_LEN,
         batch_size=h["batch_size"],
+        max_tokens_per_batch=args.engine_tokens or None,
         gradient_accumulation_steps=1,
         max_steps=h["max_steps"],
         learning_rate=h["learning_rate"],
         lr_scheduler="constant",
         warmup_ratio=0.0,
-        compute_dtype="float32",
+        compute_dtype=args.dtype,
         quant_type="nf4",
         double_quant=True,
         rank=h["rank"],
@@ -272,6 +357,8 @@ def common_args(args: argparse.Namespace) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "max_grad_norm": 0.3,
         "disable_tqdm": True,
+        # the standard mixed-precision flag: autocast to bf16 (CPU autocast included)
+        "bf16": args.dtype == "bfloat16",
     }
 
 
@@ -292,7 +379,7 @@ def run_trl(
         **common_args(args),
     )
     trainer = SFTTrainer(
-        model=peft_model(model_dir, args.checkpointing == "on"),
+        model=peft_model(model_dir, args.checkpointing == "on", args.dtype),
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
@@ -338,7 +425,7 @@ def run_trainer_grouped(
         **common_args(args),
     )
     trainer = Trainer(
-        model=peft_model(model_dir, args.checkpointing == "on"),
+        model=peft_model(model_dir, args.checkpointing == "on", args.dtype),
         args=training_args,
         train_dataset=Dataset.from_list(features),
         data_collator=collate,
@@ -369,11 +456,12 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul FLOP/s: the best of a few large square products."""
+def matmul_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """This machine's matmul FLOP/s in `dtype`: the best of a few large square products."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    b = torch.randn(n, n).to(getattr(torch, dtype))
     torch.matmul(a, b)  # warm up
     best = float("inf")
     for _ in range(repeats):
@@ -407,12 +495,24 @@ def checkpointing_for(setting: str, side: str) -> str:
     return chosen.get(side, "off")
 
 
-def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> None:
+def build_bed(
+    name: str, folder: Path, vocab: str, n_rows: int
+) -> tuple[Path, list[dict[str, str]], int | None]:
+    """The model `name` and `n_rows` rows: byte-level (`vocab` "bytes") or with a BPE
+    vocabulary of `vocab` tokens; returns (model folder, rows, vocabulary size or None)."""
     from worker.training.tiny import build_tiny_model
 
-    model_dir = build_tiny_model(tmp / name / "model", **MODELS[name])
+    if vocab == "bytes":
+        return build_tiny_model(folder / "model", **MODELS[name]), make_rows(n_rows, seed=0), None
+    text = WordText(seed=0)
+    tokenizer = bpe_tokenizer(text.corpus(8000), int(vocab))
+    model_dir = build_tiny_model(folder / "model", tokenizer=tokenizer, **MODELS[name])
+    return model_dir, text.rows(n_rows), len(tokenizer)
+
+
+def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> None:
+    model_dir, rows, vocab = build_bed(name, tmp / name, args.vocab, args.rows + EVAL_ROWS)
     n_params, n_linear = linear_params(model_dir)
-    rows = make_rows(args.rows + EVAL_ROWS, seed=0)
     data, valid = tmp / name / "train.jsonl", tmp / name / "valid.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.rows]))
     valid.write_text("".join(json.dumps(r) + "\n" for r in rows[args.rows :]))
@@ -440,6 +540,10 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
                 str(args.batch_size),
                 "--checkpointing",
                 checkpointing_for(args.checkpointing, side),
+                "--dtype",
+                args.dtype,
+                "--engine-tokens",
+                str(args.engine_tokens),
             ]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -458,17 +562,22 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
             )
     print(
         f"\nmodel {name}: LLaMA {n_params / 1e6:.1f}M params, NF4 + double quant, LoRA r=16 "
-        f"all-linear, paged_adamw_8bit, fp32 compute, {args.steps} steps x batch "
+        f"all-linear, paged_adamw_8bit, {args.dtype} compute, vocabulary "
+        f"{'bytes' if vocab is None else vocab}, {args.steps} steps x batch "
         f"{args.batch_size}, activation checkpointing: {args.checkpointing}, "
         f"{args.repeats} runs per side (min / median / max)"
     )
-    print("| side | non-pad tokens/s | tokens/CPU-s | padding | peak RSS MiB | eval loss | MFU |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| side | non-pad tokens/s | tokens/CPU-s | tokens/run | padding | peak RSS MiB "
+        "| eval loss | MFU |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side in args.sides:
         rs = runs[side]
         print(
             f"| {side} | {spread([r['tokens_per_s'] for r in rs])} "
             f"| {spread([r['tokens_per_cpu_s'] for r in rs])} "
+            f"| {statistics.median(r['real_tokens'] for r in rs):.0f} "
             f"| {statistics.median(r['padding_fraction'] for r in rs):.3f} "
             f"| {statistics.median(r['peak_rss_bytes'] for r in rs) / 2**20:.0f} "
             f"| {spread([r['eval_loss'] for r in rs], '{:.4f}')} "
@@ -497,6 +606,27 @@ def main() -> None:
         "recipe; off: what the engine's 'auto' picks where the activations fit, as on this "
         "CPU), or per side, e.g. engine=off,trl_sft=on (unlisted sides: off)",
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype of every side (bfloat16: NF4 computing in bf16 and the "
+        "Trainer's bf16=True autocast; the engine's 'auto' picks it on a CPU with fast bf16)",
+    )
+    parser.add_argument(
+        "--vocab",
+        default="bytes",
+        help="'bytes' (a byte-level tokenizer, 262 tokens, and rows of 8 words) or the size of a "
+        "byte-level BPE vocabulary trained on Zipf-distributed pseudo-words, with rows in the "
+        "same words, e.g. 32000 (the width of Llama-2's, Mistral's and Phi-3's heads)",
+    )
+    parser.add_argument(
+        "--engine-tokens",
+        type=int,
+        default=0,
+        help="the engine's max_tokens_per_batch (0: batches of --batch-size examples); "
+        "batch-size x 512 gives it trl_packed's budget of 8 rows of up to 512 tokens",
+    )
     parser.add_argument("--child", choices=SIDES)
     parser.add_argument("--model")
     parser.add_argument("--data")
@@ -514,8 +644,8 @@ def main() -> None:
     unknown = set(args.sides) - set(SIDES)
     if unknown:
         sys.exit(f"unknown side(s): {', '.join(sorted(unknown))}")
-    peak = matmul_peak_flops()
-    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = matmul_peak_flops(args.dtype)
+    print(f"{args.dtype} matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         for name in args.models.split(","):
             bench_model(name, Path(tmp_name), args, peak)

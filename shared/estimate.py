@@ -21,10 +21,15 @@ The parts, in bytes:
   case; `max_tokens_per_batch` when set), counted as the tensors autograd saves per decoder
   layer under autocast (see `_layer_activation_bytes`); with gradient checkpointing (on, or
   "auto": the worker turns it off only where the run fits without it) each layer's input (in
-  the compute dtype) is kept, plus one layer recomputed and its backward's gradients.
+  the compute dtype) is kept, plus one layer recomputed and its backward's gradients; the
+  logits chunk is freed before that layer is recomputed, so only the larger of the two counts.
 * logits: the engine's cross-entropy runs over chunks of `LOGITS_CHUNK_ELEMENTS // vocab`
-  tokens under checkpointing, so only one chunk's logits exist at a time: the head's output in
-  the compute dtype, log-softmax's fp32 output and the fp32 gradients (`_LOGIT_FP32_BYTES`).
+  tokens, so only one chunk's logits exist at a time. A frozen head (the default) makes each
+  chunk's gradient in the forward: the head's output in the compute dtype, its fp32 upcast
+  turned into the gradient in place, and that gradient's compute-dtype copy
+  (`_FUSED_LOGIT_BYTES`), plus the hidden states' fp32 gradient per token. A trained head
+  (`modules_to_save`) checkpoints each chunk: the head's output, log-softmax's fp32 output and
+  the fp32 gradients (`_LOGIT_FP32_BYTES`).
 * autocast copies: under bf16/fp16 autocast every fp32 weight a matmul reads (LoRA A and B, a
   trained `lm_head`) is cast once per forward and the copy is kept for the backward.
 * dequantization workspace: a 4-bit projection is dequantized to the compute dtype for its
@@ -68,6 +73,10 @@ LOGITS_CHUNK_ELEMENTS = 1 << 24
 # output: log-softmax's saved fp32 output and the fp32 gradients of the cross-entropy and of
 # the logits, which overlap only in part (measured on the CPU: 2.2-2.5 fp32 copies).
 _LOGIT_FP32_BYTES = 9
+# The same for a frozen head, whose loss makes the gradient in the forward
+# (`worker/training/losses.py`): the fp32 logits, which become the gradient in place; with
+# soft-capping, the capped logits and the cap's derivative besides (8 more).
+_FUSED_LOGIT_BYTES = 4
 
 
 def compute_bytes(compute_dtype: str) -> int:
@@ -88,6 +97,7 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     tie_word_embeddings: bool
+    logit_softcapping: bool = False  # Gemma-2/3's final soft-capping of the logits
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
@@ -104,6 +114,7 @@ class ModelShape:
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 vocab_size=int(config["vocab_size"]),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                logit_softcapping=bool(config.get("final_logit_softcapping")),
             )
         except KeyError as exc:
             raise ValueError(f"model config lacks {exc.args[0]!r}") from exc
@@ -168,15 +179,19 @@ class MemoryEstimate:
     workspace_bytes: int = 0  # one projection dequantized for its matmul
     logits_chunk_tokens: int = 0  # tokens per chunk of the chunked cross-entropy
     compute_bytes: int = 2  # bytes per element of the compute dtype assumed
+    # With checkpointing, the logits chunk and the recomputed layer never coexist (the head's
+    # backward ends before the first layer is recomputed): the smaller is not in the peak.
+    disjoint_bytes: int = 0
 
     def transient_bytes(self) -> int:
-        """What exists only during a step: activations, one logits chunk, autocast copies,
-        dequantization workspace."""
+        """What exists only during a step, at its peak: activations, one logits chunk,
+        autocast copies, dequantization workspace."""
         return (
             self.activation_bytes
             + self.logits_bytes
             + self.autocast_copy_bytes
             + self.workspace_bytes
+            - self.disjoint_bytes
         )
 
     def static_bytes(self) -> int:
@@ -257,11 +272,11 @@ def optimizer_state_bytes(tensor_sizes: list[int], optimizer: str) -> int:
 def _lora_input_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     """Per token and layer: what the LoRA branches save of their inputs.
 
-    PEFT casts a LoRA branch's input to its fp32 weights' dtype, then dropout keeps its mask
-    (a bool per element: CUDA's fused dropout, and the engine's `CpuDropout` on the CPU) and A
-    keeps the dropped input: in fp32, or under autocast its compute-dtype copy (one per
-    branch). In fp32 without dropout A keeps its input itself, which q/k/v share (and gate/up),
-    and o_proj's is the attention output already counted.
+    The branches' inputs are in the compute dtype (the engine casts a norm's output once,
+    under autocast). With dropout, each branch keeps its mask (a bool per element: CUDA's
+    fused dropout, and the engine's `CpuDropout` on the CPU) and A keeps its own dropped
+    input. Without dropout A keeps its input itself, which q/k/v share (and gate/up), and
+    o_proj's is the attention output already counted.
     """
     d = compute_bytes(spec.compute_dtype)
     shapes = shape.projection_shapes()
@@ -269,12 +284,10 @@ def _lora_input_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     fan_in = sum(shapes[name][0] for name in targets)
     if spec.dropout > 0:
         return (1 + d) * fan_in
-    if d != 4:
-        return d * fan_in
     h, i = shape.hidden_size, shape.intermediate_size
     shared = h * any(n in targets for n in ("q_proj", "k_proj", "v_proj"))
     shared += h * any(n in targets for n in ("gate_proj", "up_proj"))
-    return 4 * (shared + i * ("down_proj" in targets))
+    return d * (shared + i * ("down_proj" in targets))
 
 
 def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
@@ -322,17 +335,27 @@ def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> 
     tokens = spec.micro_batch_tokens()  # DPO: chosen + rejected; or the token budget
     h, layers = shape.hidden_size, shape.num_hidden_layers
     per_layer = _layer_activation_bytes(shape, spec)
-    if spec.gradient_checkpointing is not False:  # "auto" may resolve to on: count that
-        per_token = d * h * layers + per_layer + _layer_backward_bytes(shape, spec)
+    checkpointing = spec.gradient_checkpointing is not False  # "auto" may resolve to on
+    recomputed = 0
+    if checkpointing:
+        recomputed = tokens * (per_layer + _layer_backward_bytes(shape, spec))
+        per_token = d * h * layers
     else:
         per_token = per_layer * layers
     per_token += 2 * d * shape.head_dim  # RoPE cos and sin, shared by the layers
     per_token += 4 * h + 4  # the final norm's fp32 input copy and rsqrt
-    per_token += 4 * h + 8  # its fp32 output at the target positions (the loss's input), index
-    activations = tokens * per_token
+    per_token += d * h + 8  # its output at the target positions (the loss's input), index
+    trained_head = any(m.rsplit(".", 1)[-1] == "lm_head" for m in spec.modules_to_save)
+    if not trained_head:
+        per_token += 4 * h  # the frozen head's loss keeps the hidden states' fp32 gradient
+    activations = tokens * per_token + recomputed
     chunk = max(1, min(tokens, LOGITS_CHUNK_ELEMENTS // shape.vocab_size))
     extra = 0 if d == 4 else d  # the head's output before the fp32 upcast
-    logits = chunk * shape.vocab_size * (_LOGIT_FP32_BYTES + extra)
+    if trained_head:  # checkpointed chunks: log-softmax and its backward
+        per_logit = _LOGIT_FP32_BYTES + extra
+    else:  # the fp32 logits turned into their gradient in place, and its compute-dtype copy
+        per_logit = _FUSED_LOGIT_BYTES + 2 * extra + 8 * shape.logit_softcapping
+    logits = chunk * shape.vocab_size * per_logit
     autocast_copies = 0
     if d != 4:
         saved_head = sum(m.rsplit(".", 1)[-1] == "lm_head" for m in spec.modules_to_save)
@@ -342,7 +365,8 @@ def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> 
         workspace = d * max(a * b for a, b in shape.projection_shapes().values())
     parts = [quantized, unquantized, 4 * trainable, 4 * trainable]
     optimizer = optimizer_state_bytes(sizes, spec.optimizer)
-    total = sum(parts) + optimizer + activations + logits + autocast_copies + workspace
+    disjoint = min(logits, recomputed)
+    total = sum(parts) + optimizer + activations + logits + autocast_copies + workspace - disjoint
     return MemoryEstimate(
         quantized_weights_bytes=quantized,
         unquantized_weights_bytes=unquantized,
@@ -361,6 +385,7 @@ def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> 
         workspace_bytes=workspace,
         logits_chunk_tokens=chunk,
         compute_bytes=d,
+        disjoint_bytes=disjoint,
     )
 
 

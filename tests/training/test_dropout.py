@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tests.training.helpers import small_spec
-from worker.training.model import CpuDropout, attach_lora, load_base_model
+from worker.training.model import CpuDropout, attach_lora, keep_mask, load_base_model
 
 
 def test_drops_at_the_rate_and_keeps_the_expectation() -> None:
@@ -24,6 +24,17 @@ def test_drops_at_the_rate_and_keeps_the_expectation() -> None:
     assert y.mean().item() == pytest.approx(1.0, abs=0.003)
     y.sum().backward()
     assert x.grad is not None and torch.equal(x.grad, y.detach())  # d(mask * s * x)/dx
+
+
+def test_every_lane_of_a_draw_drops_at_the_rate() -> None:
+    """Each int64 draw gives four 15-bit levels; each lane on its own drops at the rate (a
+    lane left signed would drop about half of its elements)."""
+    torch.manual_seed(1)
+    keep = keep_mask(torch.Size([400_000, 4]), 3277)  # column j is lane j of every draw
+    rates = 1 - keep.float().mean(0)
+    assert torch.allclose(rates, torch.full((4,), 3277 / 32768), atol=0.003)  # sd 4.7e-4
+    odd = keep_mask(torch.Size([3, 5, 7]), 16384)
+    assert odd.shape == (3, 5, 7) and odd.dtype == torch.bool
 
 
 def test_is_nn_dropout_where_it_should_be() -> None:

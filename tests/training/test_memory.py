@@ -78,6 +78,48 @@ def test_chunked_cross_entropy_equals_the_full_one(softcap: float | None, chunk_
     torch.testing.assert_close(-logprobs.sum(), full, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk_size", [1, 7, 100])
+def test_frozen_head_cross_entropy_equals_the_full_one(
+    softcap: float | None, chunk_size: int
+) -> None:
+    """A frozen head takes the path that makes the gradient in the forward: same loss, same
+    gradient for the hidden states under any upstream scale, same argmax count."""
+    head, hidden, targets = _head_and_data()
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    full = F.cross_entropy(logits, targets, reduction="sum")
+    (want,) = torch.autograd.grad(full * 0.37, [hidden])
+    hits = int((logits.argmax(dim=-1) == targets).sum())
+
+    head.weight.requires_grad_(False)
+    chunked = chunked_cross_entropy(hidden, targets, head, softcap=softcap, chunk_size=chunk_size)
+    assert chunked.loss.grad_fn is not None
+    assert type(chunked.loss.grad_fn).__name__ == "_FrozenHeadCrossEntropyBackward"
+    (got,) = torch.autograd.grad(chunked.loss * 0.37, [hidden])
+    torch.testing.assert_close(chunked.loss, full, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert int(chunked.correct) == hits
+
+
+def test_frozen_head_cross_entropy_under_bf16_autocast() -> None:
+    """Under autocast the logits are made in bf16 and upcast, as on the checkpointed path;
+    the two paths agree to bf16 precision."""
+    head, hidden, targets = _head_and_data(vocab=300, hidden=64, n=40)
+    head = head.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head.weight.requires_grad_(True)  # the checkpointed path
+        reference = chunked_cross_entropy(hidden, targets, head, chunk_size=16)
+        (want,) = torch.autograd.grad(reference.loss, [hidden])
+        head.weight.requires_grad_(False)
+        fused = chunked_cross_entropy(hidden, targets, head, chunk_size=16)
+        (got,) = torch.autograd.grad(fused.loss, [hidden])
+    torch.testing.assert_close(fused.loss, reference.loss, rtol=1e-3, atol=1e-3)
+    assert got.dtype == hidden.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
 def test_token_accuracy_by_hand() -> None:
     """Four targets over a vocabulary of 3; the head is the identity, so the hidden states are
     the logits: argmax hits at tokens 0 and 2 only."""

@@ -123,17 +123,17 @@ def packed_sdpa_attention(
     length = query.shape[2]
     starts = torch.nonzero(position_ids[0, :length] == 0).flatten().tolist()
     bounds = sorted({0, *starts, length})
+    sizes = [b - a for a, b in pairwise(bounds)]
+    # split, not one slice per example: a slice's backward writes its gradient into a zeroed
+    # copy of the whole row (examples x row work); split's backward concatenates once
     outputs = [
-        _example_attention(
-            module,
-            query[:, :, a:b],
-            key[:, :, a:b],
-            value[:, :, a:b],
-            sliding_window,
-            softcap,
-            kwargs,
+        _example_attention(module, q, k, v, sliding_window, softcap, kwargs)
+        for q, k, v in zip(
+            query.split(sizes, dim=2),
+            key.split(sizes, dim=2),
+            value.split(sizes, dim=2),
+            strict=True,
         )
-        for a, b in pairwise(bounds)
     ]
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 

@@ -4,17 +4,21 @@ The output head turns each hidden state into `vocab_size` logits; for a micro-ba
 target tokens the full `[T, vocab]` fp32 logits (and their gradient, and log-softmax's saved
 output) are often the largest tensors of a QLoRA step. Here the targets are processed
 `chunk_size` tokens at a time: head, upcast to fp32, soft-capping, cross-entropy and argmax per
-chunk, each chunk under activation checkpointing, so the backward recomputes one chunk's
-logits at a time as well. What stays resident is the hidden states (already there) plus one
-chunk's logits. The sum over chunks equals the unchunked loss and gradient (up to the order of
-floating-point summation); the argmax comes from the same logits, so the accuracy costs one
-reduction per chunk.
+chunk. With a frozen head (the QLoRA default) each chunk's gradient for the hidden states is
+made right there, in the forward (`_FrozenHeadCrossEntropy`, the fused linear cross-entropy
+of Liger and Unsloth): the logits exist once, are never recomputed, and the backward is one
+scaling. A trained head keeps each chunk under activation checkpointing, so the backward
+recomputes one chunk's logits at a time. Either way what stays resident is the hidden states
+(already there) plus one chunk's logits. The sum over chunks equals the unchunked loss and
+gradient (up to the order of floating-point summation); the argmax comes from the same
+logits, so the accuracy costs one reduction per chunk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,6 +72,74 @@ def _chunk_logprobs(
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of a frozen linear head's logits, chunk by chunk, with the
+    gradient for the hidden states worked out during the forward.
+
+    The loss is a sum, so its gradient for the hidden states is the upstream scalar times
+    `(softmax(z) - onehot(target)) @ W` (times soft-capping's derivative where there is
+    one), known as soon as a chunk's logits are. Each chunk's logits are made once, in the
+    compute dtype and upcast to fp32 as the autograd path does, turned in place into that
+    gradient, multiplied back through the head, and dropped: no recomputation of the head in
+    the backward, no saved log-softmax, no separate backward of the cross-entropy. What is
+    kept for the backward is `[N, hidden]` fp32. Only for a frozen head (the QLoRA default);
+    a trained one (`modules_to_save`) takes the checkpointed path.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        head: nn.Linear,
+        softcap: float | None,
+        chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = targets.shape[0]
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=targets.device)
+        for start in range(0, n, chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            raw = head(h)  # compute dtype under autocast
+            logits = raw.float()  # the same tensor in fp32
+            deriv = None
+            if softcap:
+                logits = torch.tanh(logits / softcap)
+                deriv = 1 - logits * logits  # d(cap * tanh(z / cap)) / dz
+                logits.mul_(softcap)
+            top, predicted = logits.max(dim=-1, keepdim=True)
+            correct += (predicted.squeeze(1) == t).sum()
+            logits.sub_(top)  # z - max, in place: from here on the chunk becomes its gradient
+            shifted_target = logits.gather(1, t[:, None])
+            grad = logits.exp_()
+            total = grad.sum(dim=-1, keepdim=True)
+            loss += (total.log() - shifted_target).sum()  # logsumexp(z) - z_target
+            grad.div_(total)  # softmax
+            grad.scatter_add_(1, t[:, None], grad.new_full((t.shape[0], 1), -1.0))
+            if deriv is not None:
+                grad.mul_(deriv)
+            del logits, deriv
+            grad_hidden[start : start + chunk_size] = torch.mm(grad.to(raw.dtype), head.weight)
+            del raw, grad
+        ctx.save_for_backward(grad_hidden)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None, None, None]:
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden * grad_loss).to(ctx.hidden_dtype), None, None, None, None
+
+
+def _is_frozen_linear(head: nn.Module) -> bool:
+    """A bias-free `nn.Linear` head that is not trained."""
+    return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
 def _needs_grad(head: nn.Module, hidden: torch.Tensor) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -85,9 +157,10 @@ def chunked_cross_entropy(
     """Summed next-token cross-entropy of `hidden` `[N, h]` against `targets` `[N]` (every
     target valid), and how many argmax predictions equal the target.
 
-    `chunk_size` tokens at a time (default: `chunk_tokens(vocab)`); under autograd each chunk
-    runs under non-reentrant checkpointing, which also restores the autocast state for the
-    recomputation.
+    `chunk_size` tokens at a time (default: `chunk_tokens(vocab)`). Under autograd, a frozen
+    head takes `_FrozenHeadCrossEntropy` (the gradient made in the forward); a trained one
+    runs each chunk under non-reentrant checkpointing, which also restores the autocast state
+    for the recomputation.
     """
     n = targets.shape[0]
     if chunk_size is None:
@@ -96,6 +169,9 @@ def chunked_cross_entropy(
         chunk_size = chunk_tokens(vocab)
     fn = partial(_chunk_loss, head, softcap)
     grad = _needs_grad(head, hidden)
+    if grad and n and _is_frozen_linear(head):
+        loss, right = _FrozenHeadCrossEntropy.apply(hidden, targets, head, softcap, chunk_size)
+        return LossSum(loss=loss, correct=right, tokens=n)
     losses: list[torch.Tensor] = []
     correct = torch.zeros((), dtype=torch.int64, device=targets.device)
     for start in range(0, n, chunk_size):

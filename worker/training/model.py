@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -238,6 +239,20 @@ def _autocast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]
     return None if x.dtype == dtype else (x.to(dtype), *args[1:])
 
 
+def _autocast_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """A norm with an fp32 weight (LLaMA-style RMSNorm) returns fp32 even under autocast, and
+    every projection that reads it (q/k/v, gate/up, each of their LoRA branches, the head)
+    then casts its own copy to the compute dtype. Under autocast the norm's output is cast
+    once instead; its statistics are still computed in fp32. Matmul consumers see exactly
+    the values they would have cast themselves, and LoRA dropout runs on half the bytes."""
+    if not isinstance(output, torch.Tensor) or output.dtype != torch.float32:
+        return None
+    kind = output.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return output.to(torch.get_autocast_dtype(kind))
+
+
 def _is_norm(module: nn.Module) -> bool:
     name = type(module).__name__
     return isinstance(module, nn.LayerNorm | nn.RMSNorm) or name.endswith(("RMSNorm", "LayerNorm"))
@@ -257,6 +272,7 @@ def prepare_for_training(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedM
     for module in model.modules():
         if _is_norm(module):
             module.float()
+            module.register_forward_hook(_autocast_output)
     if spec.gradient_checkpointing is not False:  # "auto" left unresolved: on, as planned
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
@@ -319,13 +335,79 @@ def attach_lora(model: PreTrainedModel, spec: TrainSpec) -> PeftModel:
             param.data = param.data.float()
     if next(peft_model.parameters()).device.type == "cpu":
         use_cpu_dropout(peft_model)
+    fuse_lora_forward(peft_model)
     return peft_model
 
 
-# Dropout masks on the CPU are drawn as 15-bit integers (torch's int16 `random_()` covers
-# [0, 2**15)) and compared with a threshold: about twice as cheap as torch's per-element float
-# Bernoulli draws, which took a fifth of a CPU training step (BENCHMARKS.md).
+def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's LoRA linear forward, `base(x) + scaling * B(A(dropout(x)))`, with the update
+    added by one `addmm`: PEFT clones the base output (a defensive copy for bitsandbytes),
+    scales B's output and adds it, three passes over a [tokens, out] tensor; here there is
+    one, and the scaling rides in the matmul. Under bf16 the sum is rounded once instead of
+    twice, so the numbers differ from PEFT's in the last bits: evaluation (eval mode) takes
+    PEFT's own forward, so an adapter loaded with PEFT reproduces the recorded eval loss. So
+    does anything but plain LoRA with one active adapter (DoRA, merged or disabled adapters,
+    mixed batches, dtypes autocast would not reconcile)."""
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    plain = (
+        self.training
+        and name is not None
+        and name in self.lora_A
+        and name not in self.lora_variant
+        and not self.disable_adapters
+        and not self.merged
+        and "adapter_names" not in kwargs
+        and self.lora_B[name].bias is None
+    )
+    if not plain:
+        return cast(torch.Tensor, type(self).forward(self, x, *args, **kwargs))
+    result = self.base_layer(x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if not torch.is_autocast_enabled(x.device.type) and not (
+        x.dtype == result.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+    ):
+        return cast(torch.Tensor, type(self).forward(self, x, *args, **kwargs))
+    low_rank = lora_a(self.lora_dropout[name](x))
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        low_rank.reshape(-1, low_rank.shape[-1]),
+        lora_b.weight.t(),
+        alpha=self.scaling[name],
+    )
+    return out.view(result.shape)
+
+
+def fuse_lora_forward(model: nn.Module) -> int:
+    """Give every PEFT LoRA linear layer (bitsandbytes 4-bit or plain) `_fused_lora_forward`;
+    returns how many. The parameters, state dict and saved adapter are PEFT's own."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear | LoraLinear4bit):
+            module.forward = types.MethodType(_fused_lora_forward, module)  # type: ignore[method-assign]  # per instance, on purpose
+            fused += 1
+    return fused
+
+
+# Dropout masks on the CPU are drawn as 15-bit integers and compared with a threshold. One
+# int64 `random_()` draw holds 63 uniform bits (torch draws in [0, 2**63)), read as four int16
+# lanes with the sign bit cleared: four 15-bit draws per generator call. That is about twice
+# as cheap as one int16 draw per element, which was itself about twice as cheap as torch's
+# per-element float Bernoulli draws (a fifth of a CPU training step; BENCHMARKS.md).
 _MASK_LEVELS = 1 << 15
+_LANES = 4  # int16 lanes per int64 draw
+
+
+def keep_mask(shape: torch.Size, drop: int) -> torch.Tensor:
+    """Bool mask of `shape`: each element True with probability 1 - drop / 2**15,
+    independently, from torch's default CPU generator."""
+    n = math.prod(shape)
+    draws = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64).random_()
+    levels = draws.view(torch.int16)[:n].bitwise_and_(_MASK_LEVELS - 1)
+    return (levels >= drop).view(shape)
 
 
 class _KeepScale(torch.autograd.Function):
@@ -357,7 +439,7 @@ class CpuDropout(nn.Dropout):
         drop = round(self.p * _MASK_LEVELS)
         if not self.training or x.device.type != "cpu" or not 0 < drop < _MASK_LEVELS:
             return super().forward(x)
-        keep = torch.empty(x.shape, dtype=torch.int16).random_() >= drop
+        keep = keep_mask(x.shape, drop)
         result: torch.Tensor = _KeepScale.apply(x, keep, _MASK_LEVELS / (_MASK_LEVELS - drop))
         return result
 

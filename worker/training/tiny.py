@@ -86,16 +86,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0, **size_overrides: Any) -> Path:
+def build_tiny_model(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **size_overrides: Any,
+) -> Path:
     """Write a random tiny LLaMA + tokenizer to `out_dir` and return it.
 
     `size_overrides` replace entries of `DEFAULT_SIZE` (e.g. `hidden_size=512` for benchmarks).
+    `tokenizer` (default: the byte-level one) sets the vocabulary; it needs BOS, EOS and PAD
+    tokens.
     """
     out_dir = Path(out_dir)
     unknown = set(size_overrides) - set(DEFAULT_SIZE)
     if unknown:
         raise ValueError(f"unknown size override(s): {', '.join(sorted(unknown))}")
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
