@@ -59,9 +59,16 @@ def test_llama2_7b_parts_by_hand() -> None:
     assert e.trainable_weights_bytes == e.gradient_bytes == 4 * 39_976_960
     # 8-bit Adam: 2 bytes per value plus fp32 block constants and code tables (< 3%)
     assert 2 * 39_976_960 < e.optimizer_bytes < 2.06 * 39_976_960
-    # one chunk of 2**24 // 32000 = 524 tokens: bf16 head output + 9 bytes of fp32 per logit
+    # one chunk of 2**24 // 32000 = 524 tokens; the frozen head's loss: bf16 head output, its
+    # fp32 upcast (turned into the gradient in place) and the gradient's bf16 copy
     assert e.logits_chunk_tokens == 524
-    assert e.logits_bytes == 524 * 32000 * (2 + 9)
+    assert e.logits_bytes == 524 * 32000 * (2 + 4 + 2)
+    # checkpointing: the chunk is gone before the (larger) recomputed layer exists
+    assert e.disjoint_bytes == e.logits_bytes
+    trained = estimate_memory(
+        LLAMA2_7B, spec(batch_size=1, max_seq_length=2048, modules_to_save=["lm_head"])
+    )  # a trained head checkpoints its chunks: + log-softmax's output and fp32 gradients
+    assert trained.logits_bytes == 524 * 32000 * (2 + 9)
     assert e.autocast_copy_bytes == 2 * 39_976_960  # bf16 copies of the fp32 LoRA weights
     assert e.workspace_bytes == 2 * 4096 * 11008  # the largest projection, dequantized
     assert e.total_bytes == e.static_bytes() + e.transient_bytes()
