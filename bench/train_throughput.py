@@ -15,17 +15,20 @@ Per side and run: non-padding tokens per second of wall time of the step loop an
 second of the whole child, padding fraction, peak RSS, and the final eval loss: every side's
 adapter is loaded onto a fresh NF4 base by the same code and scored on the same held-out rows
 (mean cross-entropy over completion tokens and EOS). Model FLOP utilisation (MFU) is the
-model's training FLOPs per second divided by this machine's fp32 matmul peak, measured in the
-same invocation with a large `torch.matmul`. Sides alternate; each side runs `--repeats` times
-and the table shows min / median / max.
+model's training FLOPs per second divided by this machine's matmul peak in the compute dtype,
+measured in the same invocation with a large `torch.matmul`. Sides alternate; each side runs
+`--repeats` times and the table shows min / median / max.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/train_throughput.py \
         [--models small,base] [--steps 8] [--repeats 3] [--sides engine,trl_sft,...] \
-        [--checkpointing on|off|engine=off,trl_sft=on,...]
+        [--checkpointing on|off|engine=off,trl_sft=on,...] [--dtype float32|bfloat16] \
+        [--vocab bytes|32000] [--engine-tokens 4096]
 
 `small` is a 26M-parameter LLaMA (hidden 512, 8 layers), `base` a 158M one (hidden 1024,
-12 layers, intermediate 2816). TRL and `datasets` are benchmark extras (`pip install trl`),
-not service dependencies.
+12 layers, intermediate 2816), both with a byte-level tokenizer; `--vocab 32000` gives them a
+BPE tokenizer trained to 32,000 tokens (a real model's head) and rows in its words.
+`--engine-tokens 4096` gives the engine trl_packed's budget of 8 rows of up to 512 tokens.
+TRL and `datasets` are benchmark extras (`pip install trl`), not service dependencies.
 """
 
 from __future__ import annotations
