@@ -53,7 +53,8 @@ typecheck: venv
 test-gpu: venv
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA device')"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu -p no:cacheprovider
-	HF_HUB_OFFLINE=1 PYTHONPATH=. $(PY) bench/train_throughput.py --models small,base --repeats 3
+	HF_HUB_OFFLINE=1 PYTHONPATH=. $(PY) bench/train_throughput.py --device cuda --models small,base \
+		--repeats 3 --checkpointing off --dtype bfloat16 --vocab 32000 --engine-tokens 4096
 
 # The commands the containers run (docker-compose.yml calls the same modules).
 migrate: venv

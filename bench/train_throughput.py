@@ -65,6 +65,9 @@ MODELS: dict[str, dict[str, int]] = {
     },
 }
 SIDES = ("engine", "trl_sft", "trl_packed", "trainer_grouped")
+# Where every side trains and scores (`--device`; set in each child). On "cpu" the children
+# see no GPU at all, so the engine (which trains wherever CUDA is) stays on the CPU too.
+DEVICE = "cpu"
 MAX_LEN = 512
 EVAL_ROWS = 48
 
@@ -203,7 +206,7 @@ def load_nf4(model_dir: Path, dtype: str = "float32") -> Any:
             bnb_4bit_compute_dtype=torch_dtype,
         ),
         dtype=torch_dtype,
-        device_map={"": "cpu"},
+        device_map={"": DEVICE},
     )
 
 
@@ -248,8 +251,8 @@ def eval_loss(model_dir: Path, adapter_dir: Path, rows: list[dict[str, str]]) ->
     with torch.no_grad():
         for row in rows:
             ids, labels = encode(tok, row)
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            target = torch.tensor(labels[1:])
+            logits = model(input_ids=torch.tensor([ids], device=DEVICE)).logits[0, :-1].float()
+            target = torch.tensor(labels[1:], device=DEVICE)
             loss = torch.nn.functional.cross_entropy(
                 logits, target, ignore_index=-100, reduction="sum"
             )
@@ -356,7 +359,7 @@ def common_args(args: argparse.Namespace) -> dict[str, Any]:
         "save_strategy": "no",
         "report_to": [],
         "seed": h["seed"],
-        "use_cpu": True,
+        "use_cpu": DEVICE == "cpu",
         "dataloader_num_workers": 0,
         "max_grad_norm": 0.3,
         "disable_tqdm": True,
@@ -445,6 +448,8 @@ def child(args: argparse.Namespace) -> None:
         "trl_packed": lambda *a: run_trl(*a, packing=True),
         "trainer_grouped": run_trainer_grouped,
     }
+    global DEVICE
+    DEVICE = args.device
     model_dir, data, out = Path(args.model), Path(args.data), Path(args.out)
     before = os.times()
     result = runners[args.child](model_dir, data, out, args)
@@ -454,22 +459,37 @@ def child(args: argparse.Namespace) -> None:
     # they move much less with other processes' load than wall time does
     result["tokens_per_cpu_s"] = result["real_tokens"] / cpu_s
     result["peak_rss_bytes"] = peak_rss()
+    if DEVICE == "cuda":
+        import torch
+
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     valid = [json.loads(line) for line in Path(args.valid).read_text().splitlines()]
     result["eval_loss"] = eval_loss(model_dir, Path(result.pop("adapter_dir")), valid)
     print("RESULT " + json.dumps(result))
 
 
-def matmul_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """This machine's matmul FLOP/s in `dtype`: the best of a few large square products."""
+def matmul_peak_flops(
+    dtype: str = "float32", device: str = "cpu", n: int = 2048, repeats: int = 5
+) -> float:
+    """The matmul FLOP/s of `device` in `dtype`: the best of a few large square products."""
     import torch
 
-    a = torch.randn(n, n).to(getattr(torch, dtype))
-    b = torch.randn(n, n).to(getattr(torch, dtype))
+    if device == "cuda":
+        n *= 4  # a GPU needs a bigger product to reach its peak
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     torch.matmul(a, b)  # warm up
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -547,8 +567,12 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
                 args.dtype,
                 "--engine-tokens",
                 str(args.engine_tokens),
+                "--device",
+                args.device,
             ]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+            if args.device == "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = ""
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -586,6 +610,10 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
             f"| {spread([r['eval_loss'] for r in rs], '{:.4f}')} "
             f"| {spread([100 * r['mfu'] for r in rs], '{:.2f}%')} |"
         )
+    for side in args.sides:
+        gpu = [r["peak_gpu_bytes"] for r in runs[side] if "peak_gpu_bytes" in r]
+        if gpu:
+            print(f"{side}: peak GPU memory (median) {statistics.median(gpu) / 2**20:.0f} MiB")
     if "engine" in runs:
         engine = statistics.median(r["tokens_per_s"] for r in runs["engine"])
         for side in args.sides:
@@ -630,6 +658,12 @@ def main() -> None:
         help="the engine's max_tokens_per_batch (0: batches of --batch-size examples); "
         "batch-size x 512 gives it trl_packed's budget of 8 rows of up to 512 tokens",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where every side trains and scores (cpu hides any GPU from the children)",
+    )
     parser.add_argument("--child", choices=SIDES)
     parser.add_argument("--model")
     parser.add_argument("--data")
@@ -647,8 +681,8 @@ def main() -> None:
     unknown = set(args.sides) - set(SIDES)
     if unknown:
         sys.exit(f"unknown side(s): {', '.join(sorted(unknown))}")
-    peak = matmul_peak_flops(args.dtype)
-    print(f"{args.dtype} matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = matmul_peak_flops(args.dtype, args.device)
+    print(f"{args.dtype} matmul peak on {args.device}: {peak / 1e9:.1f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         for name in args.models.split(","):
             bench_model(name, Path(tmp_name), args, peak)
