@@ -34,12 +34,6 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    runners = {
-        "engine": tt.run_engine,
-        "trl_sft": lambda *a: tt.run_trl(*a, packing=False),
-        "trl_packed": lambda *a: tt.run_trl(*a, packing=True),
-        "trainer_grouped": tt.run_trainer_grouped,
-    }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir, rows, _ = tt.build_bed(args.model, tmp, args.vocab, args.rows)
@@ -47,7 +41,7 @@ def main() -> None:
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.monotonic()
-            result = runners[args.side](model_dir, data, tmp / "out", args)
+            result = tt.RUNNERS[args.side](model_dir, data, tmp / "out", args)
             wall = time.monotonic() - start
     print(
         f"{args.side} on {args.model}: {result['real_tokens']} real tokens, "

@@ -142,9 +142,8 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer (GPT-2 / Llama-3 style) trained on `corpus` to
     `vocab_size` tokens, with the tiny model's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from worker.training.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, ROLE_TOKENS
+    from worker.training.tiny import BOS, EOS, PAD, ROLE_TOKENS, wrap_tokenizer
 
     specials = [BOS, EOS, PAD, *ROLE_TOKENS]
     backend = Tokenizer(models.BPE())
@@ -161,17 +160,7 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int) -> Any:
     backend.post_processor = processors.TemplateProcessing(  # type: ignore[call-arg]
         single=f"{BOS} $A", special_tokens=[(BOS, backend.token_to_id(BOS))]
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=list(ROLE_TOKENS),
-        model_max_length=2048,
-        clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return wrap_tokenizer(backend)
 
 
 def hyper(args: argparse.Namespace) -> dict[str, Any]:
@@ -441,18 +430,21 @@ def run_trainer_grouped(
     return {**result, "adapter_dir": str(out / "adapter")}
 
 
+# Each side's run: (model folder, train rows, output folder, args) -> its figures.
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "engine": run_engine,
+    "trl_sft": lambda *a: run_trl(*a, packing=False),
+    "trl_packed": lambda *a: run_trl(*a, packing=True),
+    "trainer_grouped": run_trainer_grouped,
+}
+
+
 def child(args: argparse.Namespace) -> None:
-    runners: dict[str, Callable[..., dict[str, Any]]] = {
-        "engine": run_engine,
-        "trl_sft": lambda *a: run_trl(*a, packing=False),
-        "trl_packed": lambda *a: run_trl(*a, packing=True),
-        "trainer_grouped": run_trainer_grouped,
-    }
     global DEVICE
     DEVICE = args.device
     model_dir, data, out = Path(args.model), Path(args.data), Path(args.out)
     before = os.times()
-    result = runners[args.child](model_dir, data, out, args)
+    result = RUNNERS[args.child](model_dir, data, out, args)
     after = os.times()
     cpu_s = (after.user - before.user) + (after.system - before.system)
     # CPU seconds of the whole run (model load included on every side): on a shared machine

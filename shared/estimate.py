@@ -358,8 +358,7 @@ def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> 
     logits = chunk * shape.vocab_size * per_logit
     autocast_copies = 0
     if d != 4:
-        saved_head = sum(m.rsplit(".", 1)[-1] == "lm_head" for m in spec.modules_to_save)
-        autocast_copies = d * (lora_param_count(shape, spec) + saved_head * shape.head_params())
+        autocast_copies = d * (lora_param_count(shape, spec) + trained_head * shape.head_params())
     workspace = 0
     if spec.quant_type != "none":
         workspace = d * max(a * b for a, b in shape.projection_shapes().values())

@@ -102,7 +102,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
             raw = head(h)  # compute dtype under autocast
-            logits = raw.float()  # the same tensor in fp32
+            logits = raw.float()  # an fp32 copy (raw itself when it is fp32 already)
             deriv = None
             if softcap:
                 logits = torch.tanh(logits / softcap)

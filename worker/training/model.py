@@ -360,14 +360,16 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
         and "adapter_names" not in kwargs
         and self.lora_B[name].bias is None
     )
+    if plain:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        # without autocast every dtype must already agree (the base layer returns x's dtype:
+        # bitsandbytes by design, nn.Linear or it fails); checked before any work is done
+        plain = torch.is_autocast_enabled(x.device.type) or (
+            x.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+        )
     if not plain:
         return cast(torch.Tensor, type(self).forward(self, x, *args, **kwargs))
     result = self.base_layer(x, *args, **kwargs)
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    if not torch.is_autocast_enabled(x.device.type) and not (
-        x.dtype == result.dtype == lora_a.weight.dtype == lora_b.weight.dtype
-    ):
-        return cast(torch.Tensor, type(self).forward(self, x, *args, **kwargs))
     low_rank = lora_a(self.lora_dropout[name](x))
     out = torch.addmm(
         result.reshape(-1, result.shape[-1]),
