@@ -60,11 +60,14 @@ def generate(model: Any, tokenizer: Any, prompt: str) -> str:
 def learned(
     tiny_model_dir: Path, template_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[TrainResult, RecordingHooks]:
-    """One QLoRA run (NF4, double quant, paged 8-bit AdamW, bf16 compute) on the template task."""
+    """One QLoRA run (NF4, double quant, paged 8-bit AdamW) on the template task, in the
+    compute dtype the service would pick here ("auto": bf16 where this CPU runs it fast, else
+    fp32; a CPU without AVX-512 BF16 runs bf16 matmuls ~100x slower). bf16 learning has its
+    own test: test_precision.py::test_bf16_run_on_cpu_learns."""
     train_path, val_path = template_data
     spec = small_spec(
         tiny_model_dir,
-        compute_dtype="bfloat16",
+        compute_dtype="auto",
         max_steps=60,
         batch_size=8,
         gradient_accumulation_steps=1,
