@@ -130,13 +130,15 @@ def test_outputs_round_trip_through_peft(
 
     spec = TrainSpec.model_validate_json((out / "train_spec.json").read_text())
     base = load_base_model(spec, tiny_model_dir, torch.device("cpu"))
-    # as in training: bf16 embeddings and head, fp32 norms next to the NF4 projections
+    # as in training: embeddings and head in the run's compute dtype, fp32 norms next to the
+    # NF4 projections
     base = prepare_for_training(base, spec.model_copy(update={"gradient_checkpointing": False}))
     model = PeftModel.from_pretrained(base, out)
     tokenizer = load_tokenizer(tiny_model_dir)
     examples = tokenize_rows(read_rows(template_data[1]), tokenizer, 64).examples
     batches = [collate(examples[i : i + 8], packing=True, pad_id=0) for i in range(0, 24, 8)]
-    loss = evaluate(model, batches, torch.device("cpu"), dtype=torch.bfloat16)  # under autocast
+    dtype = getattr(torch, metrics["compute_dtype"])  # what "auto" resolved to on this CPU
+    loss = evaluate(model, batches, torch.device("cpu"), dtype=dtype)  # under autocast
     assert loss is not None
     assert math.isclose(loss, metrics["eval_loss_after"], rel_tol=1e-4)
 
