@@ -20,20 +20,21 @@ def test_drops_at_the_rate_and_keeps_the_expectation() -> None:
     kept = y != 0
     assert abs(1 - kept.float().mean().item() - 0.05) < 0.002  # 2M draws: sd 1.5e-4
     scale = y[kept].unique()
-    assert scale.numel() == 1 and scale.item() == pytest.approx(1 / (1 - 1638 / 32768))
+    assert scale.numel() == 1 and scale.item() == pytest.approx(1 / (1 - 3277 / 65536))
     assert y.mean().item() == pytest.approx(1.0, abs=0.003)
     y.sum().backward()
     assert x.grad is not None and torch.equal(x.grad, y.detach())  # d(mask * s * x)/dx
 
 
 def test_every_lane_of_a_draw_drops_at_the_rate() -> None:
-    """Each int64 draw gives four 15-bit levels; each lane on its own drops at the rate (a
-    lane left signed would drop about half of its elements)."""
+    """Each int64 draw gives four 16-bit levels; each lane on its own drops at the rate (a
+    draw over torch's default int64 range, [0, 2**63), would leave the top lane's sign bit
+    clear, and that lane would never drop)."""
     torch.manual_seed(1)
-    keep = keep_mask(torch.Size([400_000, 4]), 3277)  # column j is lane j of every draw
+    keep = keep_mask(torch.Size([400_000, 4]), 6554)  # column j is lane j of every draw
     rates = 1 - keep.float().mean(0)
-    assert torch.allclose(rates, torch.full((4,), 3277 / 32768), atol=0.003)  # sd 4.7e-4
-    odd = keep_mask(torch.Size([3, 5, 7]), 16384)
+    assert torch.allclose(rates, torch.full((4,), 6554 / 65536), atol=0.003)  # sd 4.7e-4
+    odd = keep_mask(torch.Size([3, 5, 7]), 32768)
     assert odd.shape == (3, 5, 7) and odd.dtype == torch.bool
 
 

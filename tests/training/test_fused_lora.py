@@ -80,3 +80,33 @@ def test_dora_keeps_peft_forward(tiny_model_dir: Path) -> None:
     peft_loss, peft = _loss_and_grads(model, batch, torch.float32, fused=False)
     assert fused_loss == peft_loss
     assert all(torch.equal(fused[n], peft[n]) for n in fused)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "none"])
+def test_the_update_is_added_in_place_into_the_base_output(
+    tiny_model_dir: Path, quant_type: str
+) -> None:
+    """No copy of the [tokens, out] base output: the update goes in with `addmm_`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model, _ = _model_and_batch(tiny_model_dir, quant_type=quant_type)
+    layer = _lora_layers(model)[0]
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    with Ops() as ops:
+        out = layer(x)
+    assert out.shape == (2, 5, layer.out_features)
+    assert "aten.addmm_.default" in ops.names
+    assert "aten.addmm.default" not in ops.names and "aten.clone.default" not in ops.names
+    out.sum().backward()  # autograd accepts the in-place update
+    assert x.grad is not None and layer.lora_B["default"].weight.grad is not None

@@ -341,13 +341,18 @@ def attach_lora(model: PreTrainedModel, spec: TrainSpec) -> PeftModel:
 
 def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """PEFT's LoRA linear forward, `base(x) + scaling * B(A(dropout(x)))`, with the update
-    added by one `addmm`: PEFT clones the base output (a defensive copy for bitsandbytes),
-    scales B's output and adds it, three passes over a [tokens, out] tensor; here there is
-    one, and the scaling rides in the matmul. Under bf16 the sum is rounded once instead of
-    twice, so the numbers differ from PEFT's in the last bits: evaluation (eval mode) takes
-    PEFT's own forward, so an adapter loaded with PEFT reproduces the recorded eval loss. So
-    does anything but plain LoRA with one active adapter (DoRA, merged or disabled adapters,
-    mixed batches, dtypes autocast would not reconcile)."""
+    added by one `addmm_` into the base output: PEFT clones the base output (a defensive copy
+    for bitsandbytes), scales B's output and adds it, three passes over a [tokens, out]
+    tensor; here there is none besides the matmul's own. The base layer gets the input
+    flattened to [tokens, in], so its output is a fresh tensor, not a view (the case
+    bitsandbytes' clone guards against), and neither bitsandbytes' 4-bit matmul nor
+    `nn.Linear` saves its output for the backward. The scaling rides in the matmul (with
+    `CpuDropout`'s keep-scale, which then needs no pass of its own, forward or backward).
+    Under bf16 the sum is rounded once instead of twice, so the numbers differ from PEFT's in
+    the last bits: evaluation (eval mode) takes PEFT's own forward, so an adapter loaded with
+    PEFT reproduces the recorded eval loss. So does anything but plain LoRA with one active
+    adapter (DoRA, merged or disabled adapters, mixed batches, dtypes autocast would not
+    reconcile)."""
     active = self.active_adapters
     name = active[0] if len(active) == 1 else None
     plain = (
@@ -369,15 +374,22 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
         )
     if not plain:
         return cast(torch.Tensor, type(self).forward(self, x, *args, **kwargs))
-    result = self.base_layer(x, *args, **kwargs)
-    low_rank = lora_a(self.lora_dropout[name](x))
-    out = torch.addmm(
-        result.reshape(-1, result.shape[-1]),
-        low_rank.reshape(-1, low_rank.shape[-1]),
-        lora_b.weight.t(),
-        alpha=self.scaling[name],
-    )
-    return out.view(result.shape)
+    flat = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(flat, *args, **kwargs)  # [tokens, out]
+    dropout = self.lora_dropout[name]
+    if isinstance(dropout, CpuDropout):  # the keep-scale rides in the addmm too
+        dropped, keep_scale = dropout.unscaled(flat)
+    else:
+        dropped, keep_scale = dropout(flat), 1.0
+    low_rank = lora_a(dropped)
+    alpha = self.scaling[name] * keep_scale
+    if result._base is None and low_rank.dtype == result.dtype:
+        # added into the base output in place: the frozen base saves nothing of its output
+        # for the backward, and an out-of-place addmm would first copy all of it
+        out = result.addmm_(low_rank, lora_b.weight.t().to(result.dtype), alpha=alpha)
+    else:
+        out = torch.addmm(result, low_rank, lora_b.weight.t(), alpha=alpha)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def fuse_lora_forward(model: nn.Module) -> int:
@@ -394,56 +406,65 @@ def fuse_lora_forward(model: nn.Module) -> int:
     return fused
 
 
-# Dropout masks on the CPU are drawn as 15-bit integers and compared with a threshold. One
-# int64 `random_()` draw holds 63 uniform bits (torch draws in [0, 2**63)), read as four int16
-# lanes with the sign bit cleared: four 15-bit draws per generator call. That is about twice
-# as cheap as one int16 draw per element, which was itself about twice as cheap as torch's
-# per-element float Bernoulli draws (a fifth of a CPU training step; BENCHMARKS.md).
-_MASK_LEVELS = 1 << 15
+# Dropout masks on the CPU are drawn as 16-bit integers and compared with a threshold. One
+# int64 draw over torch's full 64-bit range (`random_(-2**63, None)`) holds four uniform int16
+# lanes: four draws per generator call, and the comparison reads the lanes as they are, with
+# no pass to clear sign bits. That is cheaper than one int16 draw per element, which was
+# itself about twice as cheap as torch's per-element float Bernoulli draws (a fifth of a CPU
+# training step; BENCHMARKS.md).
+_MASK_LEVELS = 1 << 16
 _LANES = 4  # int16 lanes per int64 draw
+_INT64_MIN = -(1 << 63)  # `random_(int64 min, None)` draws every 64-bit pattern
 
 
 def keep_mask(shape: torch.Size, drop: int) -> torch.Tensor:
-    """Bool mask of `shape`: each element True with probability 1 - drop / 2**15,
+    """Bool mask of `shape`: each element True with probability 1 - drop / 2**16,
     independently, from torch's default CPU generator."""
     n = math.prod(shape)
-    draws = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64).random_()
-    levels = draws.view(torch.int16)[:n].bitwise_and_(_MASK_LEVELS - 1)
-    return (levels >= drop).view(shape)
+    draws = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64).random_(_INT64_MIN, None)
+    levels = draws.view(torch.int16)[:n]  # uniform over [-2**15, 2**15)
+    return (levels >= drop - _MASK_LEVELS // 2).view(shape)
 
 
-class _KeepScale(torch.autograd.Function):
-    """y = where(keep, x, 0) * scale; saves only the bool mask for the backward."""
+class _Keep(torch.autograd.Function):
+    """y = where(keep, x, 0); saves only the bool mask for the backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)
+        return torch.where(keep, x, 0.0)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+        return torch.where(keep, grad, 0.0), None
 
 
 class CpuDropout(nn.Dropout):
     """LoRA's input dropout for CPU training: inverted dropout as `nn.Dropout` computes it
     (each element kept with probability 1 - p and scaled by 1 / (1 - p)), with the mask drawn
-    as 15-bit integers against a threshold instead of float Bernoulli draws, and kept as one
+    as 16-bit integers against a threshold instead of float Bernoulli draws, and kept as one
     bool per element instead of a 4-byte float. The drop rate is p rounded to a multiple of
-    2**-15 (at most 1.5e-5 off) and the scale uses that rounded rate, so the expectation of
+    2**-16 (at most 7.7e-6 off) and the scale uses that rounded rate, so the expectation of
     the output stays exactly the input. Elsewhere (CUDA, eval, p outside the grid) it is
     `nn.Dropout`. Draws come from torch's default generator: seeded runs and exact resume
-    stay exact."""
+    stay exact.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    `unscaled` gives the masked input and the scale apart, for a caller that folds the scale
+    into a later linear map (`_fused_lora_forward` puts it in the addmm's alpha): one pass
+    over the input fewer in the forward, one fewer over its gradient in the backward."""
+
+    def unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(where(keep, x, 0), 1 / (1 - rate)): `forward(x)` is their product."""
         drop = round(self.p * _MASK_LEVELS)
         if not self.training or x.device.type != "cpu" or not 0 < drop < _MASK_LEVELS:
-            return super().forward(x)
-        keep = keep_mask(x.shape, drop)
-        result: torch.Tensor = _KeepScale.apply(x, keep, _MASK_LEVELS / (_MASK_LEVELS - drop))
-        return result
+            return super().forward(x), 1.0
+        kept: torch.Tensor = _Keep.apply(x, keep_mask(x.shape, drop))
+        return kept, _MASK_LEVELS / (_MASK_LEVELS - drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept, scale = self.unscaled(x)
+        return kept if scale == 1.0 else kept * scale
 
 
 def use_cpu_dropout(model: nn.Module) -> int:
