@@ -375,13 +375,13 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     if not plain:
         return cast(torch.Tensor, type(self).forward(self, x, *args, **kwargs))
     flat = x.reshape(-1, x.shape[-1])
-    result = self.base_layer(flat, *args, **kwargs)  # [tokens, out]
+    result: torch.Tensor = self.base_layer(flat, *args, **kwargs)  # [tokens, out]
     dropout = self.lora_dropout[name]
     if isinstance(dropout, CpuDropout):  # the keep-scale rides in the addmm too
         dropped, keep_scale = dropout.unscaled(flat)
     else:
         dropped, keep_scale = dropout(flat), 1.0
-    low_rank = lora_a(dropped)
+    low_rank: torch.Tensor = lora_a(dropped)
     alpha = self.scaling[name] * keep_scale
     if result._base is None and low_rank.dtype == result.dtype:
         # added into the base output in place: the frozen base saves nothing of its output
