@@ -4,7 +4,10 @@
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/profile_train.py \
         [--side engine|trainer_grouped|trl_sft|trl_packed] [--model small|base] [--steps 8] \
         [--checkpointing off|on] [--dtype float32|bfloat16] [--vocab bytes|32000] \
-        [--engine-tokens 4096]
+        [--engine-tokens 4096] [--by-shape aten::copy_,aten::mul]
+
+`--by-shape` also lists the named ops' self CPU time per input shape (which tensors a copy,
+a multiply or a `where` runs on tells which layer code calls it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import train_throughput as tt
 
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--vocab", default="bytes")
     parser.add_argument("--engine-tokens", type=int, default=0)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--by-shape", default="", help="comma list of op names, e.g. aten::copy_")
     args = parser.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -39,7 +44,8 @@ def main() -> None:
         model_dir, rows, _ = tt.build_bed(args.model, tmp, args.vocab, args.rows)
         data = tmp / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        shapes = [op for op in args.by_shape.split(",") if op]
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(shapes)) as prof:
             start = time.monotonic()
             result = tt.RUNNERS[args.side](model_dir, data, tmp / "out", args)
             wall = time.monotonic() - start
@@ -48,6 +54,15 @@ def main() -> None:
         f"{result['tokens_per_s']:.1f} tokens/s, {wall:.1f} s with the model load"
     )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if shapes:
+        grouped: list[Any] = list(prof.key_averages(group_by_input_shape=True))
+        for op in shapes:
+            ranked = sorted(
+                (e for e in grouped if e.key == op), key=lambda e: -e.self_cpu_time_total
+            )
+            print(f"{op} by input shape (self CPU s, calls, shapes):")
+            for e in ranked[:8]:
+                print(f"  {e.self_cpu_time_total / 1e6:8.3f} {e.count:6d}  {e.input_shapes}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ measured in the same invocation with a large `torch.matmul`. Sides alternate; ea
 BPE tokenizer trained to 32,000 tokens (a real model's head) and rows in its words.
 `--engine-tokens 4096` gives the engine trl_packed's budget of 8 rows of up to 512 tokens.
 TRL and `datasets` are benchmark extras (`pip install trl`), not service dependencies.
+
+Every side's process gets the same `THP_MEM_ALLOC_ENABLE` (torch's huge pages for large CPU
+tensors): the worker's default, 1, unless the caller's environment sets it. It is a process
+setting the worker makes (`worker/__init__.py`), not engine code, so the peers get it too.
 """
 
 from __future__ import annotations
@@ -562,7 +566,12 @@ def bench_model(name: str, tmp: Path, args: argparse.Namespace, peak: float) -> 
                 "--device",
                 args.device,
             ]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+            env = {
+                **os.environ,
+                "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": str(ROOT),
+                "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
+            }
             if args.device == "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = ""
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
