@@ -66,6 +66,9 @@ DPO_REFERENCE = (
     "the same base with the adapter disabled (no second model in memory); its log-probs are "
     "computed under no_grad, so it adds no activations"
 )
+# model_type of the families whose RMSNorm is LLaMA's formula (`worker/training/norms.py`
+# fuses those; Gemma's `1 + weight` norm runs stock and keeps an fp32 copy of its input)
+LLAMA_NORM_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Logits per chunk of the engine's cross-entropy (worker/training/losses.py uses this value).
 LOGITS_CHUNK_ELEMENTS = 1 << 24
@@ -98,6 +101,8 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool
     logit_softcapping: bool = False  # Gemma-2/3's final soft-capping of the logits
+    # LLaMA-style RMSNorm, which the engine fuses under autocast (worker/training/norms.py)
+    llama_norms: bool = True
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
@@ -115,6 +120,7 @@ class ModelShape:
                 vocab_size=int(config["vocab_size"]),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 logit_softcapping=bool(config.get("final_logit_softcapping")),
+                llama_norms=str(config.get("model_type", "llama")) in LLAMA_NORM_FAMILIES,
             )
         except KeyError as exc:
             raise ValueError(f"model config lacks {exc.args[0]!r}") from exc
@@ -294,8 +300,10 @@ def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     """Bytes autograd saves per token in one decoder layer under autocast (sdpa / flash
     attention: no s*s scores), as measured tensor by tensor on the engine's path.
 
-    Each RMSNorm keeps an fp32 copy of its input (and its rsqrt); its fp32 weight is frozen, so
-    the normalised product is not kept, nor are the inputs of the frozen base projections.
+    Each RMSNorm keeps its input (and an fp32 rsqrt per token): in the compute dtype where the
+    engine fuses it (LLaMA-style norms under autocast), else an fp32 copy; its fp32 weight is
+    frozen, so the normalised product is not kept, nor are the inputs of the frozen base
+    projections.
     In the compute dtype: q, k (after RoPE), v, the attention output (plus fp32 log-sum-exp
     per head), gate, up and silu(gate). LoRA: A's r-wide output, and its input (see
     `_lora_input_bytes`).
@@ -304,7 +312,7 @@ def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     h, i = shape.hidden_size, shape.intermediate_size
     q = shape.num_attention_heads * shape.head_dim
     kv = shape.num_key_value_heads * shape.head_dim
-    norms = 2 * (4 * h + 4)
+    norms = 2 * ((d if shape.llama_norms else 4) * h + 4)
     attention = d * (q + 2 * kv + q) + 4 * shape.num_attention_heads
     mlp = 3 * d * i
     lora = d * spec.rank * len(lora_targets(shape, spec.target_modules))

@@ -56,7 +56,10 @@ def test_fp32_matches_peft_forward_and_gradients(tiny_model_dir: Path, quant_typ
     assert fused_loss == pytest.approx(peft_loss, rel=1e-6)
     assert fused.keys() == peft.keys() and len(fused) == 2 * len(layers)
     for name in fused:
-        torch.testing.assert_close(fused[name], peft[name], rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order: errors scale with the summed terms, so an element that
+        # cancels to near zero is held to the tensor's scale, not its own
+        scale = peft[name].abs().max().item()
+        torch.testing.assert_close(fused[name], peft[name], rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_bf16_autocast_stays_close_to_peft(tiny_model_dir: Path) -> None:

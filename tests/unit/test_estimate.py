@@ -207,3 +207,53 @@ def test_a_token_budget_bounds_the_activations() -> None:
     auto = estimate_memory(LLAMA2_7B, spec(gradient_checkpointing="auto"))
     on = estimate_memory(LLAMA2_7B, spec(gradient_checkpointing=True))
     assert auto.total_bytes == on.total_bytes  # "auto" is planned as on (the worker may drop it)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_bf16_activations_match_saved_tensors(tmp_path: Path, model_type: str) -> None:
+    """Under bf16 autocast the activation tally holds too, norms included: a LLaMA-style norm
+    (fused by the engine) keeps its bf16 input; for a family whose norm runs stock (Gemma's
+    config here, read only by the estimate) it would keep an fp32 copy, 2 bytes more per
+    element, and the estimate says so."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from worker.training.data import Example, collate
+    from worker.training.model import attach_lora, load_base_model, summed_loss
+    from worker.training.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "tiny")
+    s = TrainSpec(
+        base_model=str(path),
+        compute_dtype="bfloat16",
+        batch_size=2,
+        max_seq_length=256,
+        gradient_checkpointing=False,
+        dropout=0.05,
+    )
+    config = json.loads((path / "config.json").read_text())
+    estimate = estimate_memory(config, s)
+    if model_type != "llama":
+        stock = estimate_memory({**config, "model_type": model_type}, s)
+        shape = ModelShape.from_config(config)
+        # two norms per layer, 2 more bytes per element each
+        extra = 2 * 2 * shape.hidden_size * shape.num_hidden_layers * 2 * 256
+        assert stock.activation_bytes - estimate.activation_bytes == extra
+        return
+
+    model = attach_lora(load_base_model(s, path, torch.device("cpu")), s)
+    batch = collate([Example(list(range(1, 257)), [True] * 256)] * 2, packing=False, pad_id=0)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = summed_loss(model, batch, dtype=torch.bfloat16)
+    loss.backward()
+    weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in weight_ptrs)
+    assert activations == pytest.approx(estimate.activation_bytes + estimate.logits_bytes, rel=0.10)

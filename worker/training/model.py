@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -34,6 +35,7 @@ from worker.training.attention import PACKED_ATTENTION, check_packing_supported
 from worker.training.data import IGNORE_INDEX, Batch
 from worker.training.hooks import SpecError
 from worker.training.losses import LossSum, chunk_tokens, chunked_cross_entropy
+from worker.training.norms import fuse_rms_norms
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -260,19 +262,23 @@ def _is_norm(module: nn.Module) -> bool:
 
 def prepare_for_training(model: PreTrainedModel, spec: TrainSpec) -> PreTrainedModel:
     """The base frozen, in the precision layout of mixed-precision QLoRA: norms in fp32 (their
-    statistics need the range), embeddings and output head stay in the compute dtype they were
-    loaded in (PEFT's trainable copies of `modules_to_save` are made fp32 by `attach_lora`),
-    4-bit weights as they are; activation checkpointing as the spec says.
+    statistics need the range; LLaMA-style ones run as one fused function, `norms.py`),
+    embeddings and output head stay in the compute dtype they were loaded in (PEFT's
+    trainable copies of `modules_to_save` are made fp32 by `attach_lora`), 4-bit weights as
+    they are; activation checkpointing as the spec says.
 
     This replaces peft's `prepare_model_for_kbit_training`, which upcasts every unquantized
     weight (embeddings and head included) to fp32.
     """
     for param in model.parameters():
         param.requires_grad = False
+    embeddings = cast(torch.Tensor, model.get_input_embeddings().weight)
+    loaded = embeddings.dtype  # the compute dtype, as loaded
     for module in model.modules():
         if _is_norm(module):
             module.float()
             module.register_forward_hook(_autocast_output)
+    fuse_rms_norms(model, loaded)
     if spec.gradient_checkpointing is not False:  # "auto" left unresolved: on, as planned
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
@@ -406,23 +412,24 @@ def fuse_lora_forward(model: nn.Module) -> int:
     return fused
 
 
-# Dropout masks on the CPU are drawn as 16-bit integers and compared with a threshold. One
-# int64 draw over torch's full 64-bit range (`random_(-2**63, None)`) holds four uniform int16
-# lanes: four draws per generator call, and the comparison reads the lanes as they are, with
-# no pass to clear sign bits. That is cheaper than one int16 draw per element, which was
-# itself about twice as cheap as torch's per-element float Bernoulli draws (a fifth of a CPU
-# training step; BENCHMARKS.md).
+# Dropout masks on the CPU are drawn as 16-bit integers and compared with a threshold. The
+# integers come from numpy's SFC64 generator, seeded per mask by one draw from torch's default
+# generator (so seeded runs and exact resume stay exact): it fills 64-bit words several times
+# faster than torch's CPU generator (a Mersenne twister behind a per-element loop), whose
+# draws were 7% of a bf16 training step on the CPU. Each 64-bit word holds four uniform int16
+# lanes, compared as they are. That is cheaper than one draw per element, which was itself
+# about twice as cheap as torch's per-element float Bernoulli draws (BENCHMARKS.md).
 _MASK_LEVELS = 1 << 16
-_LANES = 4  # int16 lanes per int64 draw
-_INT64_MIN = -(1 << 63)  # `random_(int64 min, None)` draws every 64-bit pattern
+_LANES = 4  # int16 lanes per 64-bit draw
 
 
 def keep_mask(shape: torch.Size, drop: int) -> torch.Tensor:
     """Bool mask of `shape`: each element True with probability 1 - drop / 2**16,
-    independently, from torch's default CPU generator."""
+    independently; the seed comes from torch's default CPU generator."""
     n = math.prod(shape)
-    draws = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64).random_(_INT64_MIN, None)
-    levels = draws.view(torch.int16)[:n]  # uniform over [-2**15, 2**15)
+    seed = int(torch.empty((), dtype=torch.int64).random_())  # [0, 2**63)
+    words = np.random.SFC64(seed).random_raw((n + _LANES - 1) // _LANES)
+    levels = torch.from_numpy(words.view(np.int16)[:n])  # uniform over [-2**15, 2**15)
     return (levels >= drop - _MASK_LEVELS // 2).view(shape)
 
 
@@ -447,8 +454,8 @@ class CpuDropout(nn.Dropout):
     bool per element instead of a 4-byte float. The drop rate is p rounded to a multiple of
     2**-16 (at most 7.7e-6 off) and the scale uses that rounded rate, so the expectation of
     the output stays exactly the input. Elsewhere (CUDA, eval, p outside the grid) it is
-    `nn.Dropout`. Draws come from torch's default generator: seeded runs and exact resume
-    stay exact.
+    `nn.Dropout`. Each mask's seed comes from torch's default generator: seeded runs and exact
+    resume stay exact.
 
     `unscaled` gives the masked input and the scale apart, for a caller that folds the scale
     into a later linear map (`_fused_lora_forward` puts it in the addmm's alpha): one pass
