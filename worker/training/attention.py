@@ -13,7 +13,9 @@ would carry is applied here, per layer, from what the attention module passes:
   sdpa with that boolean mask, per example.
 * `softcap` (Gemma-2's attention logit soft-capping, which sdpa cannot do): the eager
   formula, `tanh(scores / cap) * cap` before the mask and softmax, per example.
-* neither: sdpa with `is_causal=True`, per example.
+* neither: sdpa with `is_causal=True`, per example; on the CPU in a 16-bit dtype,
+  `_CausalAttention`, the same arithmetic with batched matmuls (faster there than torch's
+  CPU flash kernel on examples of a few hundred tokens).
 
 Rows that are not packed (batch > 1, or a mask given) fall back to plain sdpa; a packed row
 without `position_ids` is an error, since its example boundaries are unknown.
@@ -75,6 +77,87 @@ def _softcapped_attention(
     return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
 
+# `_CausalAttention` holds a call's [heads, L, L] scores (fp32, with their gradients in the
+# backward, about 16 bytes per score in all): at most 2**22 scores (16 heads of 512 tokens)
+# keeps that under 64 MiB. Longer examples take torch's flash kernel, which needs no scores
+# and is no slower there.
+BATCHED_SCORES_MAX = 1 << 22
+
+
+class _CausalAttention(torch.autograd.Function):
+    """Causal attention of one example in a 16-bit dtype on the CPU, [heads, L, dim] ->
+    [heads, L, dim], with the arithmetic of torch's CPU flash kernel and batched matmuls.
+
+    Scores are an fp32 product of the 16-bit q and k (exact products, fp32 sums, as the
+    kernel's fp32 accumulation has them) and the softmax is fp32; the probabilities are
+    rounded to the 16-bit dtype for the product with v, and so are the score gradients for
+    theirs, as in the kernel. Like flash attention it saves only q, k and v and recomputes the
+    probabilities in the backward, so the [heads, L, L] scores never outlive a call. Grouped
+    kv heads are read in place: the g query heads of a kv head form one [g * L, dim] matrix.
+    On an AVX512-BF16 CPU this runs the examples of a packed row about a quarter faster than
+    torch's flash kernel, whose small tiles run its matmuls far below the machine's peak.
+    """
+
+    @staticmethod
+    def probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        heads, length, dim = q.shape
+        kv_heads = k.shape[0]
+        groups = heads // kv_heads
+        q32 = q.float().mul_(scale).view(kv_heads, groups * length, dim)
+        scores = torch.bmm(q32, k.float().transpose(1, 2))  # [kv_heads, g * L, L]
+        future = torch.ones(length, length, dtype=torch.bool).triu_(1)
+        scores.view(kv_heads, groups, length, length).masked_fill_(future, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        probs = _CausalAttention.probabilities(q, k, scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return torch.bmm(probs.to(v.dtype), v).view(q.shape)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v = ctx.saved_tensors
+        kv_heads, dim = k.shape[0], k.shape[2]
+        probs = _CausalAttention.probabilities(q, k, ctx.scale)
+        grad_out = grad.reshape(kv_heads, -1, dim)  # [kv_heads, g * L, dim]
+        grad_v = torch.bmm(probs.to(v.dtype).transpose(1, 2), grad_out)
+        grad_probs = torch.bmm(grad_out, v.transpose(1, 2)).float()
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
+        grad_scores = grad_scores.to(q.dtype)
+        grad_q = torch.bmm(grad_scores, k).mul_(ctx.scale).view(q.shape)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), q.view(kv_heads, -1, dim))
+        return grad_q, grad_k.mul_(ctx.scale), grad_v, None
+
+
+def _batched_causal(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kwargs: dict[str, Any],
+) -> bool:
+    """Whether `_CausalAttention` computes what sdpa would for this example, within
+    `BATCHED_SCORES_MAX`."""
+    length = query.shape[2]
+    return (
+        query.device.type == "cpu"
+        and query.shape[1] * length * length <= BATCHED_SCORES_MAX
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and key.dtype == value.dtype == query.dtype
+        and query.shape[2] == key.shape[2]
+        and query.shape[1] % key.shape[1] == 0
+        and (float(kwargs.get("dropout", 0.0)) == 0.0 or not module.training)
+        and kwargs.get("position_bias") is None
+        and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+    )
+
+
 def _example_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -99,6 +182,12 @@ def _example_attention(
     if window is not None and length > window:
         mask = window_mask(length, window, query.device)[None, None]
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
+    if length > 1 and _batched_causal(module, query, key, value, kwargs):
+        scaling = kwargs.get("scaling")
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        q, k, v = (t[0].contiguous() for t in (query, key, value))
+        out: torch.Tensor = _CausalAttention.apply(q, k, v, scale)
+        return out.transpose(0, 1).unsqueeze(0)  # [1, L, heads, dim]
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)[0]
 
 
