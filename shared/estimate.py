@@ -69,6 +69,11 @@ DPO_REFERENCE = (
 # model_type of the families whose RMSNorm is LLaMA's formula (`worker/training/norms.py`
 # fuses those; Gemma's `1 + weight` norm runs stock and keeps an fp32 copy of its input)
 LLAMA_NORM_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+# On the CPU in a 16-bit dtype the engine attends each example with batched matmuls
+# (`worker/training/attention.py`) where it holds at most this many [heads, L, L] scores,
+# saving q, k and v only; longer examples, and GPUs, take flash kernels, which also save the
+# output and its log-sum-exp.
+BATCHED_SCORES_MAX = 1 << 22
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Logits per chunk of the engine's cross-entropy (worker/training/losses.py uses this value).
 LOGITS_CHUNK_ELEMENTS = 1 << 24
@@ -296,7 +301,7 @@ def _lora_input_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     return d * (shared + i * ("down_proj" in targets))
 
 
-def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
+def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec, device: str = "cuda") -> int:
     """Bytes autograd saves per token in one decoder layer under autocast (sdpa / flash
     attention: no s*s scores), as measured tensor by tensor on the engine's path.
 
@@ -305,8 +310,8 @@ def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     frozen, so the normalised product is not kept, nor are the inputs of the frozen base
     projections.
     In the compute dtype: q, k (after RoPE), v, the attention output (plus fp32 log-sum-exp
-    per head), gate, up and silu(gate). LoRA: A's r-wide output, and its input (see
-    `_lora_input_bytes`).
+    per head; not on the CPU's batched path, `BATCHED_SCORES_MAX`), gate, up and silu(gate).
+    LoRA: A's r-wide output, and its input (see `_lora_input_bytes`).
     """
     d = compute_bytes(spec.compute_dtype)
     h, i = shape.hidden_size, shape.intermediate_size
@@ -314,6 +319,9 @@ def _layer_activation_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     kv = shape.num_key_value_heads * shape.head_dim
     norms = 2 * ((d if shape.llama_norms else 4) * h + 4)
     attention = d * (q + 2 * kv + q) + 4 * shape.num_attention_heads
+    longest = shape.num_attention_heads * spec.max_seq_length**2
+    if device == "cpu" and d == 2 and longest <= BATCHED_SCORES_MAX:
+        attention = d * (q + 2 * kv)
     mlp = 3 * d * i
     lora = d * spec.rank * len(lora_targets(shape, spec.target_modules))
     return norms + attention + mlp + lora + _lora_input_bytes(shape, spec)
@@ -326,12 +334,15 @@ def _layer_backward_bytes(shape: ModelShape, spec: TrainSpec) -> int:
     return 2 * compute_bytes(spec.compute_dtype) * shape.hidden_size
 
 
-def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> MemoryEstimate:
+def estimate_memory(
+    config: Mapping[str, Any] | ModelShape, spec: TrainSpec, device: str = "cuda"
+) -> MemoryEstimate:
     """Estimate the peak memory of training `spec` on the model described by `config`.
 
-    The same on a GPU and on the CPU (both keep a bool per element as LoRA dropout's mask).
-    "auto" compute dtype counts as 2 bytes (what it resolves to on a GPU); give the CPU's
-    resolved dtype explicitly.
+    Much the same on a GPU and on the CPU (both keep a bool per element as LoRA dropout's
+    mask); `device="cpu"` counts the CPU's batched attention of short examples, which saves
+    less. "auto" compute dtype counts as 2 bytes (what it resolves to on a GPU); give the
+    CPU's resolved dtype explicitly.
     """
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     d = compute_bytes(spec.compute_dtype)
@@ -342,7 +353,7 @@ def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> 
     trainable = sum(sizes)
     tokens = spec.micro_batch_tokens()  # DPO: chosen + rejected; or the token budget
     h, layers = shape.hidden_size, shape.num_hidden_layers
-    per_layer = _layer_activation_bytes(shape, spec)
+    per_layer = _layer_activation_bytes(shape, spec, device)
     checkpointing = spec.gradient_checkpointing is not False  # "auto" may resolve to on
     recomputed = 0
     if checkpointing:
@@ -351,7 +362,7 @@ def estimate_memory(config: Mapping[str, Any] | ModelShape, spec: TrainSpec) -> 
     else:
         per_token = per_layer * layers
     per_token += 2 * d * shape.head_dim  # RoPE cos and sin, shared by the layers
-    per_token += 4 * h + 4  # the final norm's fp32 input copy and rsqrt
+    per_token += (d if shape.llama_norms else 4) * h + 4  # the final norm's input, rsqrt
     per_token += d * h + 8  # its output at the target positions (the loss's input), index
     trained_head = any(m.rsplit(".", 1)[-1] == "lm_head" for m in spec.modules_to_save)
     if not trained_head:

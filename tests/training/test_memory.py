@@ -296,7 +296,7 @@ def test_estimate_matches_measured_peak(
     for path, overrides in cases:
         spec = TrainSpec(base_model=str(path), **overrides)
         config = json.loads((path / "config.json").read_text())
-        estimate = estimate_memory(config, spec)
+        estimate = estimate_memory(config, spec, "cpu")
         static, peak = measured_peak(spec, path)
         ratio = estimate.total_bytes / (static + peak)
         report.append((overrides, round(ratio, 3)))

@@ -233,12 +233,12 @@ def test_bf16_activations_match_saved_tensors(tmp_path: Path, model_type: str) -
         dropout=0.05,
     )
     config = json.loads((path / "config.json").read_text())
-    estimate = estimate_memory(config, s)
+    estimate = estimate_memory(config, s, "cpu")
     if model_type != "llama":
-        stock = estimate_memory({**config, "model_type": model_type}, s)
+        stock = estimate_memory({**config, "model_type": model_type}, s, "cpu")
         shape = ModelShape.from_config(config)
-        # two norms per layer, 2 more bytes per element each
-        extra = 2 * 2 * shape.hidden_size * shape.num_hidden_layers * 2 * 256
+        # two norms per layer and the final one, 2 more bytes per element each
+        extra = 2 * shape.hidden_size * (2 * shape.num_hidden_layers + 1) * 2 * 256
         assert stock.activation_bytes - estimate.activation_bytes == extra
         return
 

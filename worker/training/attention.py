@@ -33,6 +33,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from shared.estimate import BATCHED_SCORES_MAX
 from worker.training.hooks import SpecError
 
 # Not "sdpa_..." : transformers checks `_supports_sdpa` for any name containing "sdpa", and
@@ -78,10 +79,9 @@ def _softcapped_attention(
 
 
 # `_CausalAttention` holds a call's [heads, L, L] scores (fp32, with their gradients in the
-# backward, about 16 bytes per score in all): at most 2**22 scores (16 heads of 512 tokens)
-# keeps that under 64 MiB. Longer examples take torch's flash kernel, which needs no scores
-# and is no slower there.
-BATCHED_SCORES_MAX = 1 << 22
+# backward, about 16 bytes per score in all): at most 2**22 scores (16 heads of 512 tokens,
+# `BATCHED_SCORES_MAX`) keeps that under 64 MiB. Longer examples take torch's flash kernel,
+# which needs no scores and is no slower there.
 
 
 class _CausalAttention(torch.autograd.Function):

@@ -36,6 +36,7 @@ from worker.training.data import IGNORE_INDEX, Batch
 from worker.training.hooks import SpecError
 from worker.training.losses import LossSum, chunk_tokens, chunked_cross_entropy
 from worker.training.norms import fuse_rms_norms
+from worker.training.trim import target_rows, trim_last_layer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -217,6 +218,7 @@ def choose_checkpointing(
             spec.model_copy(
                 update={"gradient_checkpointing": False, "compute_dtype": DTYPE_NAMES[dtype]}
             ),
+            device.type,
         )
     except (OSError, ValueError, TypeError, KeyError):
         return CheckpointingChoice(True, "auto: no memory estimate for this model")
@@ -342,6 +344,7 @@ def attach_lora(model: PreTrainedModel, spec: TrainSpec) -> PeftModel:
     if next(peft_model.parameters()).device.type == "cpu":
         use_cpu_dropout(peft_model)
     fuse_lora_forward(peft_model)
+    trim_last_layer(peft_model)
     return peft_model
 
 
@@ -562,10 +565,11 @@ def target_states(
     model: PeftModel, batch: TokenBatch, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor]:
     """The base model, the decoder's last hidden states at target positions (decoder under
-    autocast to `dtype`) and those targets: what the output head is applied to, in chunks."""
+    autocast to `dtype`) and those targets: what the output head is applied to, in chunks.
+    The last layer's MLP and output projection run at those positions only (`trim.py`)."""
     base = cast(PreTrainedModel, model.get_base_model())
     selected = batch.targets != IGNORE_INDEX
-    with autocast(batch.input_ids.device, dtype):
+    with autocast(batch.input_ids.device, dtype), target_rows(model, selected):
         hidden = base.get_decoder()(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
