@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,9 +12,27 @@ import pytest
 from transformers.utils import logging as hf_logging
 
 from tests.training.helpers import template_rows, write_jsonl
+from worker.training.cpu_threads import THREADS_ENV, available_cpus
 from worker.training.tiny import build_tiny_model
 
 hf_logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixed_thread_count() -> Iterator[None]:
+    """Every engine run in these tests uses all the CPUs instead of probing for the fastest
+    count. A matmul's fp32 sums are split by thread, so two runs that the timing probe gave
+    different counts (it measures a machine shared with the rest of the suite) differ in the
+    last bits (1e-6 to 1e-5 in an adapter after 6 steps), and tests that compare two runs to
+    1e-5 (exact resume, DPO resume) would compare the probe, not the engine. The probe has its
+    own tests (`test_cpu_threads.py`, which set or clear the variable themselves)."""
+    before = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = str(available_cpus())
+    yield
+    if before is None:
+        os.environ.pop(THREADS_ENV, None)
+    else:
+        os.environ[THREADS_ENV] = before
 
 
 @pytest.fixture(scope="session")
