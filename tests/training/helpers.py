@@ -65,3 +65,22 @@ def small_spec(model_dir: Path, **overrides: Any) -> TrainSpec:
     }
     values.update(overrides)
     return TrainSpec(**values)
+
+
+def lora_model_and_batch(model_dir: Path, **overrides: Any) -> tuple[Any, Any]:
+    """A LoRA model from `small_spec(model_dir, **overrides)` in train mode, with B drawn
+    non-zero (it starts at zero) so the adapters take part, and one packed batch of six
+    completion rows."""
+    import torch
+
+    from worker.training.data import collate, tokenize_rows
+    from worker.training.model import attach_lora, load_base_model, load_tokenizer
+
+    spec = small_spec(model_dir, **overrides)
+    model = attach_lora(load_base_model(spec, model_dir, torch.device("cpu")), spec)
+    torch.manual_seed(5)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    examples = tokenize_rows(completion_rows(6, seed=2), load_tokenizer(model_dir), 64).examples
+    return model.train(), collate(examples, packing=True, pad_id=0)

@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.training.helpers import completion_rows, small_spec
+from tests.training.helpers import lora_model_and_batch
 from worker.training import attention
-from worker.training.data import collate, tokenize_rows
-from worker.training.model import attach_lora, batch_loss, load_base_model, load_tokenizer
+from worker.training.model import batch_loss
 
 BF16 = torch.bfloat16
 
@@ -66,18 +65,10 @@ def test_a_bf16_packed_row_uses_it_with_sdpa_numbers(
 ) -> None:
     """Loss and LoRA gradients of a packed bf16 batch on the CPU: the same as with torch's
     flash kernel per example, to bf16 precision; and the batched path really ran."""
-    spec = small_spec(
+    model, batch = lora_model_and_batch(
         tiny_model_dir, compute_dtype="bfloat16", dropout=0.0, gradient_checkpointing=False
     )
-    model = attach_lora(load_base_model(spec, tiny_model_dir, torch.device("cpu")), spec)
-    torch.manual_seed(5)
-    for name, param in model.named_parameters():  # B starts at zero: make LoRA count
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    examples = tokenize_rows(completion_rows(6, seed=2), tokenizer, 64).examples
-    batch = collate(examples, packing=True, pad_id=0)
-    model.train()
+    examples = int((batch.position_ids == 0).sum())
     calls = 0
     apply = attention._CausalAttention.apply
 
@@ -96,10 +87,10 @@ def test_a_bf16_packed_row_uses_it_with_sdpa_numbers(
     monkeypatch.setattr(attention._CausalAttention, "apply", counted)
     batched_loss, batched = loss_and_grads()
     layers = model.config.num_hidden_layers
-    assert calls == layers * len(examples)
+    assert calls == layers * examples
     monkeypatch.setattr(attention, "_batched_causal", lambda *args: False)
     flash_loss, flash = loss_and_grads()
-    assert calls == layers * len(examples)  # the control ran sdpa
+    assert calls == layers * examples  # the control ran sdpa
     assert batched_loss == pytest.approx(flash_loss, rel=2e-3)
     assert batched.keys() == flash.keys() and batched
     for name in batched:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -12,18 +11,10 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from tests.training.helpers import completion_rows, small_spec
-from worker.training.data import collate, tokenize_rows
-from worker.training.model import (
-    _autocast_output,
-    attach_lora,
-    batch_loss,
-    load_base_model,
-    load_tokenizer,
-)
+from tests.training.helpers import lora_model_and_batch
+from worker.training.model import _autocast_output, batch_loss
 from worker.training.norms import fuse_rms_norms
 
-CPU = torch.device("cpu")
 BF16 = torch.bfloat16
 
 
@@ -102,22 +93,10 @@ def test_only_where_the_stock_arithmetic_is_reproduced() -> None:
     assert later.weight.grad is not None  # the stock backward reached the weight
 
 
-def _model_and_batch(model_dir: Path) -> tuple[Any, Any]:
-    spec = small_spec(model_dir, compute_dtype="bfloat16", dropout=0.0)
-    model = attach_lora(load_base_model(spec, model_dir, CPU), spec)
-    torch.manual_seed(5)
-    for module in model.modules():  # B starts at zero: make the update count
-        for weight in getattr(module, "lora_B", {}).values():
-            nn.init.normal_(weight.weight, std=0.05)
-    tokenizer = load_tokenizer(model_dir)
-    examples = tokenize_rows(completion_rows(6, seed=2), tokenizer, 64).examples
-    return model.train(), collate(examples, packing=True, pad_id=0)
-
-
 def test_a_bf16_model_trains_with_the_stock_numbers(tiny_model_dir: Path) -> None:
     """Every norm of a bf16 LLaMA is fused by `attach_lora`; loss and LoRA gradients match
     the stock norms'."""
-    model, batch = _model_and_batch(tiny_model_dir)
+    model, batch = lora_model_and_batch(tiny_model_dir, compute_dtype="bfloat16", dropout=0.0)
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
     assert norms and all("forward" in norm.__dict__ for norm in norms)
 

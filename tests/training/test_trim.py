@@ -11,24 +11,14 @@ import pytest
 import torch
 
 import worker.training.model as model_module
-from tests.training.helpers import completion_rows, small_spec
-from worker.training.data import IGNORE_INDEX, collate, tokenize_rows
-from worker.training.model import attach_lora, batch_loss, load_base_model, load_tokenizer
+from tests.training.helpers import lora_model_and_batch
+from worker.training.data import IGNORE_INDEX
+from worker.training.model import batch_loss
 from worker.training.trim import target_rows
-
-CPU = torch.device("cpu")
 
 
 def _setup(model_dir: Path, **overrides: Any) -> tuple[Any, Any]:
-    spec = small_spec(model_dir, compute_dtype="float32", dropout=0.0, **overrides)
-    model = attach_lora(load_base_model(spec, model_dir, CPU), spec)
-    torch.manual_seed(5)
-    for name, param in model.named_parameters():  # B starts at zero: make LoRA count
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    tokenizer = load_tokenizer(model_dir)
-    examples = tokenize_rows(completion_rows(6, seed=2), tokenizer, 64).examples
-    return model.train(), collate(examples, packing=True, pad_id=0)
+    return lora_model_and_batch(model_dir, compute_dtype="float32", dropout=0.0, **overrides)
 
 
 def _last_mlp(model: Any) -> Any:

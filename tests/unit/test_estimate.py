@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,8 +136,7 @@ def test_tiny_model_measured_footprint(tmp_path: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from worker.training.data import Example, collate
-    from worker.training.model import attach_lora, build_optimizer, load_base_model, summed_loss
+    from worker.training.model import attach_lora, build_optimizer, load_base_model
     from worker.training.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path / "tiny")
@@ -154,22 +154,9 @@ def test_tiny_model_measured_footprint(tmp_path: Path) -> None:
     model = attach_lora(load_base_model(s, path, torch.device("cpu")), s)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, s)
-    batch = collate([Example(list(range(1, 257)), [True] * 256)] * 2, packing=False, pad_id=0)
-
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = summed_loss(model, batch)
+    activations, loss = _saved_activations(model, torch.float32)
     loss.backward()
     optimizer.step()
-
-    weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = sum(n for ptr, n in saved.items() if ptr not in weight_ptrs)
     assert activations == pytest.approx(estimate.activation_bytes + estimate.logits_bytes, rel=0.10)
 
     storages: dict[int, int] = {}
@@ -209,18 +196,50 @@ def test_a_token_budget_bounds_the_activations() -> None:
     assert auto.total_bytes == on.total_bytes  # "auto" is planned as on (the worker may drop it)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llama", "gemma"])
-def test_bf16_activations_match_saved_tensors(tmp_path: Path, model_type: str) -> None:
-    """Under bf16 autocast the activation tally holds too, norms included: a LLaMA-style norm
-    (fused by the engine) keeps its bf16 input; for a family whose norm runs stock (Gemma's
-    config here, read only by the estimate) it would keep an fp32 copy, 2 bytes more per
-    element, and the estimate says so."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _saved_activations(model: Any, dtype: Any) -> tuple[int, Any]:
+    """Bytes autograd saves (weights aside) in one forward of two full 256-token rows, and
+    the loss to run the backward from."""
     import torch
 
     from worker.training.data import Example, collate
-    from worker.training.model import attach_lora, load_base_model, summed_loss
+    from worker.training.model import summed_loss
+
+    batch = collate([Example(list(range(1, 257)), [True] * 256)] * 2, packing=False, pad_id=0)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = summed_loss(model, batch, dtype=dtype)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in saved.items() if ptr not in weights), loss
+
+
+def test_stock_norm_families_count_an_fp32_input_copy() -> None:
+    """A family whose norm the engine runs stock (Gemma's) keeps an fp32 copy of each norm's
+    input under bf16 autocast: 2 bytes more per element than a fused LLaMA-style norm, for
+    two norms per layer and the final one."""
+    s = spec(
+        compute_dtype="bfloat16", batch_size=2, max_seq_length=256, gradient_checkpointing=False
+    )
+    fused = estimate_memory(LLAMA2_7B, s, "cpu")
+    stock = estimate_memory({**LLAMA2_7B, "model_type": "gemma"}, s, "cpu")
+    shape = ModelShape.from_config(LLAMA2_7B)
+    extra = 2 * shape.hidden_size * (2 * shape.num_hidden_layers + 1) * 2 * 256
+    assert stock.activation_bytes - fused.activation_bytes == extra
+
+
+@pytest.mark.slow
+def test_bf16_activations_match_saved_tensors(tmp_path: Path) -> None:
+    """Under bf16 autocast on the CPU the activation tally holds too: fused norms keeping
+    their bf16 input, the batched attention keeping q, k and v only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from worker.training.model import attach_lora, load_base_model
     from worker.training.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path / "tiny")
@@ -232,28 +251,7 @@ def test_bf16_activations_match_saved_tensors(tmp_path: Path, model_type: str) -
         gradient_checkpointing=False,
         dropout=0.05,
     )
-    config = json.loads((path / "config.json").read_text())
-    estimate = estimate_memory(config, s, "cpu")
-    if model_type != "llama":
-        stock = estimate_memory({**config, "model_type": model_type}, s, "cpu")
-        shape = ModelShape.from_config(config)
-        # two norms per layer and the final one, 2 more bytes per element each
-        extra = 2 * shape.hidden_size * (2 * shape.num_hidden_layers + 1) * 2 * 256
-        assert stock.activation_bytes - estimate.activation_bytes == extra
-        return
-
+    estimate = estimate_memory(json.loads((path / "config.json").read_text()), s, "cpu")
     model = attach_lora(load_base_model(s, path, torch.device("cpu")), s)
-    batch = collate([Example(list(range(1, 257)), [True] * 256)] * 2, packing=False, pad_id=0)
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = summed_loss(model, batch, dtype=torch.bfloat16)
-    loss.backward()
-    weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = sum(n for ptr, n in saved.items() if ptr not in weight_ptrs)
+    activations, _ = _saved_activations(model, torch.bfloat16)
     assert activations == pytest.approx(estimate.activation_bytes + estimate.logits_bytes, rel=0.10)

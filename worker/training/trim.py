@@ -66,22 +66,17 @@ def trim_last_layer(model: nn.Module) -> list[nn.Module]:
         return []
     trimmed = []
     for name in _TRIMMED:
-        module = last.get_submodule(name) if _has(last, name) else None
-        if module is None or "whole_forward" in module.__dict__:
+        try:
+            module = last.get_submodule(name)
+        except AttributeError:
+            continue
+        if "whole_forward" in module.__dict__:
             continue
         module.__dict__["whole_forward"] = module.forward
         module.forward = types.MethodType(_rows_forward, module)
         trimmed.append(module)
-    last.__dict__["trimmed_modules"] = trimmed
+    model.__dict__["trimmed_last_layer"] = (last, trimmed)
     return trimmed
-
-
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -89,9 +84,8 @@ def target_rows(model: nn.Module, selected: torch.Tensor) -> Iterator[bool]:
     """While active, the trimmed modules compute only the rows where `selected` ([batch,
     seq] bool) is True; yields whether they do (not for an untrimmed model, a checkpointed
     last layer in training, or no targets)."""
-    last = _last_layer(model)
-    modules: list[nn.Module] = last.__dict__.get("trimmed_modules", []) if last else []
-    checkpointed = (
+    last, modules = model.__dict__.get("trimmed_last_layer", (None, []))
+    checkpointed = bool(
         last is not None and last.training and getattr(last, "gradient_checkpointing", False)
     )
     rows = selected.flatten().nonzero().squeeze(1) if modules and not checkpointed else None
